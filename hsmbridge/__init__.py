@@ -1,0 +1,99 @@
+"""hsmbridge: one API over keys that live inside an HSM.
+
+    import hsmbridge
+    from hsmbridge import RSA, EC
+
+    hsm = hsmbridge.open("pkcs11:token=ci?module-path=/usr/lib/softhsm/libsofthsm2.so")
+    key = hsm.generate_key(RSA(2048), label="payments-2026", usage={"sign", "decrypt"})
+    print(key.public_key_pem())
+    signature = key.sign(b"message", "rsa-pkcs1-sha256")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .api import EC, HSM, RSA, Key, KeyInfo, KeySpec, parse_key_spec
+from .errors import (
+    AmbiguousKey,
+    AuthenticationError,
+    BatchItemError,
+    ConfigurationError,
+    DecryptionFailed,
+    HSMError,
+    HSMUnavailable,
+    InvalidInput,
+    KeyExists,
+    KeyNotFound,
+    MechanismNotSupported,
+    ModuleLoadError,
+    PermissionDenied,
+    RateLimited,
+    TokenNotFound,
+)
+from .mechanisms import Mechanism
+
+__version__ = "0.1.0"
+
+HSM_ENV = "HSMBRIDGE_HSM"
+
+
+def open(uri: str | None = None, **options: Any) -> HSM:  # noqa: A001 - mirrors builtins.open
+    """Open an HSM by URI: ``pkcs11:...`` (RFC 7512) or ``nethsm://USER@HOST:PORT``.
+
+    Without a URI, ``HSMBRIDGE_HSM`` is used. Options: ``pin=`` (PKCS#11),
+    ``max_sessions=``; for NetHSM ``password=``, ``verify=``, ``timeout=``.
+    """
+    uri = uri or os.environ.get(HSM_ENV)
+    if not uri:
+        raise ConfigurationError(
+            f"no HSM given; pass a URI such as 'pkcs11:token=NAME?module-path=/path/module.so' "
+            f"or 'nethsm://operator@host:8443', or set {HSM_ENV}"
+        )
+    if uri.startswith("pkcs11:"):
+        from .pkcs11 import Pkcs11HSM
+        from .uri import parse_pkcs11_uri
+
+        pin = options.pop("pin", None)
+        parsed = parse_pkcs11_uri(uri, pin=pin)
+        return Pkcs11HSM(parsed, **options)
+    if uri.startswith("nethsm://"):
+        try:
+            from .nethsm import NetHSM
+        except ImportError:
+            raise ConfigurationError("the NetHSM backend is not available in this build") from None
+        return NetHSM.from_uri(uri, **options)  # type: ignore[no-any-return]
+    from .uri import _redact
+
+    raise ConfigurationError(
+        f"unknown HSM URI scheme in {_redact(uri)!r}; use 'pkcs11:...' or 'nethsm://...'"
+    )
+
+
+__all__ = [
+    "EC",
+    "HSM",
+    "RSA",
+    "AmbiguousKey",
+    "AuthenticationError",
+    "BatchItemError",
+    "ConfigurationError",
+    "DecryptionFailed",
+    "HSMError",
+    "HSMUnavailable",
+    "InvalidInput",
+    "Key",
+    "KeyExists",
+    "KeyInfo",
+    "KeyNotFound",
+    "KeySpec",
+    "Mechanism",
+    "MechanismNotSupported",
+    "ModuleLoadError",
+    "PermissionDenied",
+    "RateLimited",
+    "TokenNotFound",
+    "open",
+    "parse_key_spec",
+]

@@ -1,0 +1,95 @@
+"""Public key encodings: SPKI DER/PEM, JWK with RFC 7638 thumbprint, upload JSON.
+
+All of them start from SubjectPublicKeyInfo DER, which every backend can give,
+so exports are identical whichever HSM holds the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import textwrap
+
+from asn1crypto import keys as asn1_keys
+
+from .errors import InvalidInput
+
+_JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_CURVE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66}
+
+
+def der_to_pem(der: bytes, label: str = "PUBLIC KEY") -> str:
+    """PEM with base64 lines of exactly 64 characters and ``\\n`` line endings."""
+    body = base64.b64encode(der).decode("ascii")
+    lines = textwrap.wrap(body, 64)
+    return f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _int_bytes(value: int, length: int | None = None) -> bytes:
+    return value.to_bytes(length or max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def _load_spki(der: bytes) -> asn1_keys.PublicKeyInfo:
+    try:
+        info = asn1_keys.PublicKeyInfo.load(der)
+        info.native  # force a full parse so corrupt DER fails here
+    except ValueError as exc:
+        raise InvalidInput(f"not a DER SubjectPublicKeyInfo: {exc}") from None
+    return info
+
+
+def key_bits(der: bytes) -> int:
+    """Modulus size (RSA) or curve size (EC) of an SPKI."""
+    return int(_load_spki(der).bit_size)
+
+
+def jwk(der: bytes) -> dict[str, str]:
+    """JWK for an RSA or EC SPKI, with ``kid`` = RFC 7638 thumbprint."""
+    info = _load_spki(der)
+    algo = info.algorithm
+    if algo == "rsa":
+        pub = info["public_key"].parsed
+        members = {
+            "kty": "RSA",
+            "n": _b64url(_int_bytes(pub["modulus"].native)),
+            "e": _b64url(_int_bytes(pub["public_exponent"].native)),
+        }
+    elif algo == "ec":
+        curve = _JWK_CURVES.get(info.curve[1])
+        if curve is None:
+            raise InvalidInput(f"curve {info.curve[1]} has no JWK name; use P-256, P-384 or P-521")
+        x, y = info["public_key"].to_coords()
+        size = _CURVE_BYTES[curve]
+        members = {
+            "kty": "EC",
+            "crv": curve,
+            "x": _b64url(_int_bytes(x, size)),
+            "y": _b64url(_int_bytes(y, size)),
+        }
+    else:
+        raise InvalidInput(f"{algo} keys have no JWK form here; only RSA and EC are supported")
+    members["kid"] = jwk_thumbprint(members)
+    return members
+
+
+def jwk_thumbprint(members: dict[str, str]) -> str:
+    """RFC 7638: SHA-256 over the required members, sorted, no whitespace."""
+    required = ("e", "kty", "n") if members["kty"] == "RSA" else ("crv", "kty", "x", "y")
+    canonical = json.dumps({k: members[k] for k in required}, separators=(",", ":"), sort_keys=True)
+    return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def upload_json(der: bytes, *, min_bits: int = 2048) -> str:
+    """``{"public_key": PEM}`` as payment providers ask for it; refuses weak keys."""
+    info = _load_spki(der)
+    if info.algorithm == "rsa" and info.bit_size < min_bits:
+        raise InvalidInput(
+            f"the key is RSA-{info.bit_size}, below the required minimum of {min_bits} bits; "
+            f"generate an RSA({max(min_bits, 2048)}) key for upload"
+        )
+    return json.dumps({"public_key": der_to_pem(der).rstrip("\n")})

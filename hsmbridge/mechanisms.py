@@ -1,0 +1,158 @@
+"""Mechanism names and the client-side work every backend shares.
+
+Every backend receives the same prepared input: the message hashed on the
+client (or taken as a digest when ``prehashed``), with the PKCS#1 v1.5
+DigestInfo prefix for ``rsa-pkcs1-*``. That is exactly what NetHSM's sign
+modes take, and what PKCS#11's raw ``CKM_RSA_PKCS``/``CKM_RSA_PKCS_PSS``/
+``CKM_ECDSA`` take, so hashing lives in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+from asn1crypto.algos import DSASignature
+
+from .errors import InvalidInput, MechanismNotSupported
+
+#: DER DigestInfo prefixes (RFC 8017, section 9.2, note 1).
+_DIGEST_INFO_PREFIX = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+
+
+class Mechanism(str, enum.Enum):
+    """Every operation hsmbridge offers, by its stable string name."""
+
+    RSA_PKCS1_SHA256 = "rsa-pkcs1-sha256"
+    RSA_PKCS1_SHA384 = "rsa-pkcs1-sha384"
+    RSA_PKCS1_SHA512 = "rsa-pkcs1-sha512"
+    RSA_PSS_SHA256 = "rsa-pss-sha256"
+    RSA_PSS_SHA384 = "rsa-pss-sha384"
+    RSA_PSS_SHA512 = "rsa-pss-sha512"
+    ECDSA_SHA256 = "ecdsa-sha256"
+    ECDSA_SHA384 = "ecdsa-sha384"
+    ECDSA_SHA512 = "ecdsa-sha512"
+    RSA_OAEP_SHA1 = "rsa-oaep-sha1"
+    RSA_OAEP_SHA256 = "rsa-oaep-sha256"
+    RSA_OAEP_SHA384 = "rsa-oaep-sha384"
+    RSA_OAEP_SHA512 = "rsa-oaep-sha512"
+    RSA_PKCS1 = "rsa-pkcs1"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def family(self) -> str:
+        """``pkcs1``, ``pss``, ``ecdsa``, ``oaep`` or ``pkcs1-decrypt``."""
+        if self is Mechanism.RSA_PKCS1:
+            return "pkcs1-decrypt"
+        return self.value.split("-")[1] if self.value.startswith("rsa-") else "ecdsa"
+
+    @property
+    def hash_name(self) -> str | None:
+        """hashlib name of the mechanism's hash, or None for raw PKCS#1 decryption."""
+        return None if self is Mechanism.RSA_PKCS1 else self.value.rsplit("-", 1)[1]
+
+    @property
+    def digest_size(self) -> int:
+        assert self.hash_name is not None
+        return hashlib.new(self.hash_name).digest_size
+
+    @property
+    def is_sign(self) -> bool:
+        return self.family in ("pkcs1", "pss", "ecdsa")
+
+    @property
+    def key_type(self) -> str:
+        """``rsa`` or ``ec``: the key type this mechanism needs."""
+        return "ec" if self.family == "ecdsa" else "rsa"
+
+
+SIGN_MECHANISMS = tuple(m for m in Mechanism if m.is_sign)
+DECRYPT_MECHANISMS = tuple(m for m in Mechanism if not m.is_sign)
+
+
+def parse_mechanism(name: str | Mechanism, *, sign: bool) -> Mechanism:
+    """Turn a name into a :class:`Mechanism`, checking it is a sign or decrypt one."""
+    try:
+        mech = Mechanism(name)
+    except ValueError:
+        raise MechanismNotSupported(
+            f"unknown mechanism {name!r}; known mechanisms are: "
+            + ", ".join(m.value for m in Mechanism)
+        ) from None
+    if mech.is_sign != sign:
+        wanted = SIGN_MECHANISMS if sign else DECRYPT_MECHANISMS
+        verb = "sign" if sign else "decrypt"
+        raise MechanismNotSupported(
+            f"{mech.value} is not a {verb} mechanism; use one of: "
+            + ", ".join(m.value for m in wanted)
+        )
+    return mech
+
+
+def check_key_type(mech: Mechanism, key_type: str, key_name: str) -> None:
+    """Refuse e.g. an ECDSA mechanism on an RSA key, naming what would work."""
+    if mech.key_type != key_type:
+        fitting = [m.value for m in Mechanism if m.key_type == key_type and m.is_sign == mech.is_sign]
+        raise InvalidInput(
+            f"key {key_name!r} is an {key_type.upper()} key and cannot do {mech.value}; "
+            + (f"use one of: {', '.join(fitting)}" if fitting else "use another key")
+        )
+
+
+def signing_input(mech: Mechanism, data: bytes, *, prehashed: bool) -> bytes:
+    """What the HSM signs: the digest, DigestInfo-prefixed for PKCS#1 v1.5."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput(f"data to sign must be bytes, not {type(data).__name__}")
+    assert mech.hash_name is not None
+    if prehashed:
+        digest = bytes(data)
+        if len(digest) != mech.digest_size:
+            raise InvalidInput(
+                f"{mech.value} with prehashed=True needs a {mech.digest_size}-byte "
+                f"{mech.hash_name.upper()} digest, got {len(digest)} bytes"
+            )
+    else:
+        digest = hashlib.new(mech.hash_name, data).digest()
+    if mech.family == "pkcs1":
+        return _DIGEST_INFO_PREFIX[mech.hash_name] + digest
+    return digest
+
+
+def ecdsa_raw_to_der(raw: bytes) -> bytes:
+    """r‖s (PKCS#11, JWS) to the DER SEQUENCE X.509 and OpenSSL expect."""
+    half = len(raw) // 2
+    r = int.from_bytes(raw[:half], "big")
+    s = int.from_bytes(raw[half:], "big")
+    return bytes(DSASignature({"r": r, "s": s}).dump())
+
+
+def ecdsa_der_to_raw(der: bytes, field_bytes: int) -> bytes:
+    """DER (NetHSM, X.509) to fixed-width r‖s of ``field_bytes`` each."""
+    try:
+        parsed = DSASignature.load(der)
+        r, s = parsed["r"].native, parsed["s"].native
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"not a DER ECDSA signature: {exc}") from None
+    return r.to_bytes(field_bytes, "big") + s.to_bytes(field_bytes, "big")
+
+
+@dataclass(frozen=True)
+class SignatureFormat:
+    """ECDSA output encodings: DER (default) or raw r‖s (JWS)."""
+
+    DER = "der"
+    RAW = "raw"
+
+
+def check_signature_format(fmt: str) -> str:
+    if fmt not in (SignatureFormat.DER, SignatureFormat.RAW):
+        raise InvalidInput(f"signature_format must be 'der' or 'raw', not {fmt!r}")
+    return fmt

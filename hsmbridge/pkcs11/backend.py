@@ -1,0 +1,342 @@
+"""The PKCS#11 backend: :class:`Pkcs11HSM` and :class:`Pkcs11Key`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import pkcs11
+import pkcs11.exceptions as p11x
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
+from ..batch import BatchWorker, Operation
+from ..errors import (
+    AmbiguousKey,
+    ConfigurationError,
+    HSMError,
+    InvalidInput,
+    KeyExists,
+    KeyNotFound,
+    MechanismNotSupported,
+    TokenNotFound,
+)
+from ..mechanisms import DECRYPT_MECHANISMS, SIGN_MECHANISMS, Mechanism
+from ..uri import Pkcs11URI
+from . import ec, rsa
+from .errormap import SESSION_BROKEN, translate
+from .module import LoadedModule, load_module
+from .pool import PooledSession, SessionPool
+from .templates import key_pair_templates
+
+
+def _select_token(module: LoadedModule, uri: Pkcs11URI) -> pkcs11.Token:
+    try:
+        slots = module.lib.get_slots(token_present=True)
+    except Exception as exc:
+        raise translate(exc, what="listing slots") from None
+    matches = []
+    for slot in slots:
+        token = slot.get_token()
+        if uri.slot_id is not None and slot.slot_id != uri.slot_id:
+            continue
+        if uri.token is not None and token.label != uri.token:
+            continue
+        if uri.serial is not None and token.serial.decode(errors="replace").strip() != uri.serial:
+            continue
+        if uri.manufacturer is not None and token.manufacturer_id != uri.manufacturer:
+            continue
+        if uri.model is not None and token.model != uri.model:
+            continue
+        matches.append(token)
+    if not matches:
+        present = ", ".join(repr(s.get_token().label) for s in slots) or "none"
+        raise TokenNotFound(
+            f"no {uri.describe()} in PKCS#11 module {module.path!r}; tokens present: {present}. "
+            "Fix token=/serial=/slot-id= in the URI (for SoftHSM2, check SOFTHSM2_CONF)"
+        )
+    if len(matches) > 1:
+        raise TokenNotFound(
+            f"{len(matches)} tokens match {uri.describe()}; add serial= or slot-id= to the URI"
+        )
+    return matches[0]
+
+
+class Pkcs11HSM(HSM):
+    """One token of a PKCS#11 module, shared safely by many threads."""
+
+    def __init__(self, uri: Pkcs11URI, *, max_sessions: int | None = None) -> None:
+        self.module = load_module(uri.module_path)
+        self.token = _select_token(self.module, uri)
+        self.description = f"token {self.token.label!r}"
+        if uri.pin is None:
+            raise ConfigurationError(
+                f"no PIN for {self.description}; give pin-value= or pin-source= in the URI, "
+                "pass pin=, or set HSMBRIDGE_PIN"
+            )
+        workers = max_sessions or max(4, 2 * (os.cpu_count() or 1))
+        if not self.module.thread_safe:
+            workers = 1
+        slot = self.token.slot
+        self.pool = SessionPool(
+            self.token, uri.pin.value, workers, (self.module.path, int(slot.slot_id))
+        )
+        self._mechanisms: set[Any] | None = None
+        self._rejected: set[Mechanism] = set()
+
+    # -- key management ---------------------------------------------------------
+
+    def generate_key(
+        self,
+        spec: KeySpec,
+        label: str,
+        *,
+        usage: Iterable[str] | str | None = None,
+        key_id: str | None = None,
+    ) -> Pkcs11Key:
+        if not isinstance(spec, (RSA, EC)):
+            raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+        if not label or not isinstance(label, str):
+            raise InvalidInput("a key needs a non-empty label")
+        uses = normalize_usage(usage, spec)
+        raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
+        public_t, private_t = key_pair_templates(raw_id, label, uses)
+        with self.pool.admin() as session:
+            if self._find(session, {Attribute.LABEL: label}):
+                raise KeyExists(
+                    f"a key labelled {label!r} already exists in {self.description}; "
+                    "choose another label or delete the old key"
+                )
+            try:
+                gen = rsa.generate if isinstance(spec, RSA) else ec.generate
+                _, priv = gen(session, spec, public_t, private_t)  # type: ignore[arg-type]
+            except HSMError:
+                raise
+            except Exception as exc:
+                raise translate(exc, what=f"generating a {spec} key") from None
+            return Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, uses), int(priv.handle))
+
+    def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Pkcs11Key:
+        if label is None and key_id is None:
+            raise InvalidInput("get_key needs a label or a key_id")
+        template: dict[Attribute, Any] = {}
+        if label is not None:
+            template[Attribute.LABEL] = label
+        if key_id is not None:
+            try:
+                template[Attribute.ID] = bytes.fromhex(key_id)
+            except ValueError:
+                raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
+        wanted = " and ".join(
+            f"{k} {v!r}" for k, v in (("label", label), ("id", key_id)) if v is not None
+        )
+        with self.pool.admin() as session:
+            found = self._find(session, template)
+            if not found:
+                known = [info.label for info in self._infos(session)][:20]
+                raise KeyNotFound(
+                    f"no key with {wanted} in {self.description}; keys present: "
+                    + (", ".join(repr(k) for k in known) or "none")
+                )
+            if len(found) > 1:
+                ids = ", ".join(bytes(o[Attribute.ID]).hex() or "(no id)" for o in found)
+                raise AmbiguousKey(
+                    f"{len(found)} keys have {wanted} in {self.description} (ids: {ids}); "
+                    "ask by key_id or give the keys unique labels"
+                )
+            return Pkcs11Key(self, self._info(found[0]), int(found[0].handle))
+
+    def list_keys(self) -> list[KeyInfo]:
+        with self.pool.admin() as session:
+            return self._infos(session)
+
+    def _find(self, session: pkcs11.Session, template: dict[Attribute, Any]) -> list[Any]:
+        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, **template}
+        try:
+            return [
+                o
+                for o in session.get_objects(template)
+                if o.key_type in (KeyType.RSA, KeyType.EC)
+            ]
+        except Exception as exc:
+            raise translate(exc, what="searching keys") from None
+
+    def _infos(self, session: pkcs11.Session) -> list[KeyInfo]:
+        infos = []
+        for obj in self._find(session, {}):
+            with contextlib.suppress(HSMError):
+                infos.append(self._info(obj))
+        return sorted(infos, key=lambda i: (i.label, i.id))
+
+    def _info(self, priv: Any) -> KeyInfo:
+        spec: KeySpec
+        if priv.key_type == KeyType.RSA:
+            spec = rsa.spec_of(priv)
+        else:
+            spec = ec.spec_of(self._public_object(priv))
+        usage = {
+            name
+            for name, attr in (("sign", Attribute.SIGN), ("decrypt", Attribute.DECRYPT))
+            if _attr(priv, attr, False)
+        }
+        label = _attr(priv, Attribute.LABEL, "") or ""
+        return KeyInfo(label, bytes(_attr(priv, Attribute.ID, b"")).hex(), spec, frozenset(usage))
+
+    def _public_object(self, priv: Any) -> Any:
+        """The public key object paired with ``priv`` (same CKA_ID), or priv itself."""
+        key_id = _attr(priv, Attribute.ID, None)
+        if key_id:
+            for pub in priv.session.get_objects(
+                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
+            ):
+                return pub
+        return priv  # RSA private keys carry modulus and exponent; EC ones may carry EC_PARAMS
+
+    # -- mechanisms ---------------------------------------------------------------
+
+    def supported_mechanisms(self) -> list[Mechanism]:
+        """hsmbridge mechanisms the token lists (minus parameters it has refused)."""
+        if self._mechanisms is None:
+            try:
+                self._mechanisms = set(self.token.slot.get_mechanisms())
+            except Exception as exc:
+                raise translate(exc, what="listing mechanisms") from None
+        out = []
+        for mech in (*SIGN_MECHANISMS, *DECRYPT_MECHANISMS):
+            ckm = ec.mechanism()[0] if mech.key_type == "ec" else rsa.mechanism(mech)[0]
+            if ckm in self._mechanisms and mech not in self._rejected:
+                out.append(mech)
+        return out
+
+    def check_mechanism(self, mech: Mechanism) -> None:
+        if mech not in self.supported_mechanisms():
+            raise self.unsupported(mech)
+
+    def unsupported(self, mech: Mechanism) -> MechanismNotSupported:
+        self._rejected.add(mech)
+        offered = [
+            m.value for m in self.supported_mechanisms() if m.is_sign == mech.is_sign
+        ]
+        return MechanismNotSupported(
+            f"{self.description} does not support {mech.value}; it offers: "
+            + (", ".join(offered) or "nothing of this kind")
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _attr(obj: Any, attr: Attribute, default: Any) -> Any:
+    try:
+        return obj[attr]
+    except (p11x.AttributeTypeInvalid, p11x.AttributeSensitive, KeyError):
+        return default
+
+
+class Pkcs11Key(Key):
+    """A key pair in a PKCS#11 token, found by its private key object handle."""
+
+    def __init__(self, hsm: Pkcs11HSM, info: KeyInfo, handle: int) -> None:
+        super().__init__(info)
+        self.hsm = hsm
+        self.handle = handle
+
+    def _fetch_public_key_der(self) -> bytes:
+        with self.hsm.pool.admin() as session:
+            priv = self._object_in(session)
+            if isinstance(self.spec, RSA):
+                return rsa.public_key_der(priv)
+            return ec.public_key_der(self.hsm._public_object(priv))
+
+    def _object_in(self, session: pkcs11.Session) -> Any:
+        """This key's private object as seen through ``session`` (same handle)."""
+        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        if self.info.id:
+            template[Attribute.ID] = bytes.fromhex(self.info.id)
+        for obj in session.get_objects(template):
+            if int(obj.handle) == self.handle:
+                return obj
+        raise KeyNotFound(
+            f"key {self.label!r} no longer exists in {self.hsm.description} "
+            "(deleted by another handle or process?)"
+        )
+
+    def _pkcs11_mechanism(self, mech: Mechanism) -> tuple[Any, Any]:
+        self.hsm.check_mechanism(mech)
+        return ec.mechanism() if isinstance(self.spec, EC) else rsa.mechanism(mech)
+
+    def _check_usage(self, op: Literal["sign", "decrypt"]) -> None:
+        if op not in self.info.usage:
+            raise InvalidInput(
+                f"key {self.label!r} was not made for {op} (its usage is "
+                f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
+            )
+
+    @contextlib.contextmanager
+    def _worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> Iterator[Operation]:
+        self._check_usage(op)
+        ckm, param = self._pkcs11_mechanism(mech)
+        pooled = self.hsm.pool.acquire()
+        try:
+            obj = self._bound_object(pooled)
+            what = f"{mech.value} {'signature' if op == 'sign' else 'decryption'}"
+
+            def operate(data: bytes) -> bytes:
+                try:
+                    if op == "sign":
+                        return bytes(obj.sign(data, mechanism=ckm, mechanism_param=param))
+                    return bytes(obj.decrypt(data, mechanism=ckm, mechanism_param=param))
+                except (p11x.ArgumentsBad, p11x.MechanismParamInvalid, p11x.MechanismInvalid):
+                    raise self.hsm.unsupported(mech) from None
+                except SESSION_BROKEN as exc:
+                    pooled.broken = True
+                    raise translate(exc, what=what, key=self.label) from None
+                except (p11x.GeneralError, p11x.FunctionFailed) as exc:
+                    if op == "decrypt":  # SoftHSM2 answers bad OAEP padding this way
+                        raise translate(p11x.EncryptedDataInvalid(), what=what, key=self.label) from exc
+                    raise translate(exc, what=what, key=self.label) from None
+                except p11x.PKCS11Error as exc:
+                    raise translate(exc, what=what, key=self.label) from None
+
+            yield operate
+        finally:
+            self.hsm.pool.release(pooled)
+
+    def _bound_object(self, pooled: PooledSession) -> Any:
+        obj = pooled.objects.get(self.handle)
+        if obj is None:
+            try:
+                obj = pooled.objects[self.handle] = self._object_in(pooled.session)
+            except SESSION_BROKEN as exc:
+                pooled.broken = True
+                raise translate(exc, what="finding the key", key=self.label) from None
+        return obj
+
+    def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
+        return self._worker(op, mech)
+
+    def _run_prepared(
+        self,
+        op: Literal["sign", "decrypt"],
+        mech: Mechanism,
+        items: Sequence[bytes],
+        threads: int,
+        return_exceptions: bool,
+    ) -> list[bytes | HSMError]:
+        return super()._run_prepared(op, mech, items, threads, return_exceptions)
+
+    def _default_threads(self) -> int:
+        return min(self.hsm.pool.max_workers, os.cpu_count() or 1)
+
+    def _delete(self) -> None:
+        with self.hsm.pool.admin() as session:
+            priv = self._object_in(session)
+            pub = self.hsm._public_object(priv)
+            try:
+                if pub is not priv:
+                    pub.destroy()
+                priv.destroy()
+            except Exception as exc:
+                raise translate(exc, what="deleting the key", key=self.label) from None
