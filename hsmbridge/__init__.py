@@ -1,12 +1,12 @@
 """hsmbridge: one API over keys that live inside an HSM.
 
-    import hsmbridge
-    from hsmbridge import RSA, EC
+import hsmbridge
+from hsmbridge import RSA, EC
 
-    hsm = hsmbridge.open("pkcs11:token=ci?module-path=/usr/lib/softhsm/libsofthsm2.so")
-    key = hsm.generate_key(RSA(2048), label="payments-2026", usage={"sign", "decrypt"})
-    print(key.public_key_pem())
-    signature = key.sign(b"message", "rsa-pkcs1-sha256")
+hsm = hsmbridge.open("pkcs11:token=ci?module-path=/usr/lib/softhsm/libsofthsm2.so")
+key = hsm.generate_key(RSA(2048), label="payments-2026", usage={"sign", "decrypt"})
+print(key.public_key_pem())
+signature = key.sign(b"message", "rsa-pkcs1-sha256")
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 HSM_ENV = "HSMBRIDGE_HSM"
 
 
-def open(uri: str | None = None, **options: Any) -> HSM:  # noqa: A001 - mirrors builtins.open
+def open(uri: str | None = None, **options: Any) -> HSM:
     """Open an HSM by URI: ``pkcs11:...`` (RFC 7512) or ``nethsm://USER@HOST:PORT``.
 
     Without a URI, ``HSMBRIDGE_HSM`` is used. Options: ``pin=`` (PKCS#11),

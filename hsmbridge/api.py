@@ -49,7 +49,7 @@ _CURVES = {
 
 @dataclass(frozen=True)
 class RSA:
-    """An RSA key of ``bits`` bits (1024–8192, a multiple of 8; 2048+ for real use)."""
+    """An RSA key of ``bits`` bits (1024-8192, a multiple of 8; 2048+ for real use)."""
 
     bits: int = 2048
     key_type: ClassVar[str] = "rsa"
@@ -198,9 +198,7 @@ class Key(abc.ABC):
         return_exceptions: bool,
     ) -> list[bytes | HSMError]:
         """Run many prepared operations; backends with a faster engine override this."""
-        return run_batch(
-            lambda: self._batch_worker(op, mech), items, threads, return_exceptions
-        )
+        return run_batch(lambda: self._batch_worker(op, mech), items, threads, return_exceptions)
 
     @abc.abstractmethod
     def _delete(self) -> None:
@@ -288,16 +286,18 @@ class Key(abc.ABC):
         ECDSA signatures are DER by default; ``signature_format="raw"`` gives r‖s.
         """
         try:
-            return self.sign_batch(
+            signature: bytes = self.sign_batch(
                 [data], mechanism, prehashed=prehashed, signature_format=signature_format, threads=1
             )[0]
+            return signature
         except BatchItemError as exc:
             raise exc.cause from None
 
     def decrypt(self, ciphertext: bytes, mechanism: str | Mechanism) -> bytes:
         """Decrypt one ciphertext inside the HSM."""
         try:
-            return self.decrypt_batch([ciphertext], mechanism, threads=1)[0]
+            plaintext: bytes = self.decrypt_batch([ciphertext], mechanism, threads=1)[0]
+            return plaintext
         except BatchItemError as exc:
             raise exc.cause from None
 
@@ -481,7 +481,7 @@ class HSM(abc.ABC):
     def list_keys(self) -> list[KeyInfo]:
         """Every key pair the HSM holds that hsmbridge can use."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release sessions or connections. Idempotent."""
 
     def __enter__(self) -> HSM:
@@ -492,4 +492,3 @@ class HSM(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
-

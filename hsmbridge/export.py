@@ -37,7 +37,7 @@ def _int_bytes(value: int, length: int | None = None) -> bytes:
 def _load_spki(der: bytes) -> asn1_keys.PublicKeyInfo:
     try:
         info = asn1_keys.PublicKeyInfo.load(der)
-        info.native  # force a full parse so corrupt DER fails here
+        _ = info.native  # force a full parse so corrupt DER fails here
     except ValueError as exc:
         raise InvalidInput(f"not a DER SubjectPublicKeyInfo: {exc}") from None
     return info

@@ -26,7 +26,7 @@ _DIGEST_INFO_PREFIX = {
 }
 
 
-class Mechanism(str, enum.Enum):
+class Mechanism(enum.StrEnum):
     """Every operation hsmbridge offers, by its stable string name."""
 
     RSA_PKCS1_SHA256 = "rsa-pkcs1-sha256"
@@ -100,7 +100,9 @@ def parse_mechanism(name: str | Mechanism, *, sign: bool) -> Mechanism:
 def check_key_type(mech: Mechanism, key_type: str, key_name: str) -> None:
     """Refuse e.g. an ECDSA mechanism on an RSA key, naming what would work."""
     if mech.key_type != key_type:
-        fitting = [m.value for m in Mechanism if m.key_type == key_type and m.is_sign == mech.is_sign]
+        fitting = [
+            m.value for m in Mechanism if m.key_type == key_type and m.is_sign == mech.is_sign
+        ]
         raise InvalidInput(
             f"key {key_name!r} is an {key_type.upper()} key and cannot do {mech.value}; "
             + (f"use one of: {', '.join(fitting)}" if fitting else "use another key")
@@ -138,7 +140,8 @@ def ecdsa_der_to_raw(der: bytes, field_bytes: int) -> bytes:
     """DER (NetHSM, X.509) to fixed-width r‖s of ``field_bytes`` each."""
     try:
         parsed = DSASignature.load(der)
-        r, s = parsed["r"].native, parsed["s"].native
+        r: int = parsed["r"].native
+        s: int = parsed["s"].native
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"not a DER ECDSA signature: {exc}") from None
     return r.to_bytes(field_bytes, "big") + s.to_bytes(field_bytes, "big")

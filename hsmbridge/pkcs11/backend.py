@@ -7,9 +7,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-import pkcs11
 import pkcs11.exceptions as p11x
-from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag
 
 from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
 from ..batch import BatchWorker, Operation
@@ -32,14 +31,18 @@ from .pool import PooledSession, SessionPool
 from .templates import key_pair_templates
 
 
-def _select_token(module: LoadedModule, uri: Pkcs11URI) -> pkcs11.Token:
+def _select_token(module: LoadedModule, uri: Pkcs11URI) -> Any:
     try:
         slots = module.lib.get_slots(token_present=True)
     except Exception as exc:
         raise translate(exc, what="listing slots") from None
     matches = []
+    initialized = []
     for slot in slots:
         token = slot.get_token()
+        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
+            continue
+        initialized.append(token)
         if uri.slot_id is not None and slot.slot_id != uri.slot_id:
             continue
         if uri.token is not None and token.label != uri.token:
@@ -52,7 +55,7 @@ def _select_token(module: LoadedModule, uri: Pkcs11URI) -> pkcs11.Token:
             continue
         matches.append(token)
     if not matches:
-        present = ", ".join(repr(s.get_token().label) for s in slots) or "none"
+        present = ", ".join(repr(t.label) for t in initialized) or "none"
         raise TokenNotFound(
             f"no {uri.describe()} in PKCS#11 module {module.path!r}; tokens present: {present}. "
             "Fix token=/serial=/slot-id= in the URI (for SoftHSM2, check SOFTHSM2_CONF)"
@@ -152,18 +155,16 @@ class Pkcs11HSM(HSM):
         with self.pool.admin() as session:
             return self._infos(session)
 
-    def _find(self, session: pkcs11.Session, template: dict[Attribute, Any]) -> list[Any]:
+    def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
         template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, **template}
         try:
             return [
-                o
-                for o in session.get_objects(template)
-                if o.key_type in (KeyType.RSA, KeyType.EC)
+                o for o in session.get_objects(template) if o.key_type in (KeyType.RSA, KeyType.EC)
             ]
         except Exception as exc:
             raise translate(exc, what="searching keys") from None
 
-    def _infos(self, session: pkcs11.Session) -> list[KeyInfo]:
+    def _infos(self, session: Any) -> list[KeyInfo]:
         infos = []
         for obj in self._find(session, {}):
             with contextlib.suppress(HSMError):
@@ -216,9 +217,7 @@ class Pkcs11HSM(HSM):
 
     def unsupported(self, mech: Mechanism) -> MechanismNotSupported:
         self._rejected.add(mech)
-        offered = [
-            m.value for m in self.supported_mechanisms() if m.is_sign == mech.is_sign
-        ]
+        offered = [m.value for m in self.supported_mechanisms() if m.is_sign == mech.is_sign]
         return MechanismNotSupported(
             f"{self.description} does not support {mech.value}; it offers: "
             + (", ".join(offered) or "nothing of this kind")
@@ -250,9 +249,9 @@ class Pkcs11Key(Key):
                 return rsa.public_key_der(priv)
             return ec.public_key_der(self.hsm._public_object(priv))
 
-    def _object_in(self, session: pkcs11.Session) -> Any:
+    def _object_in(self, session: Any) -> Any:
         """This key's private object as seen through ``session`` (same handle)."""
-        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
         if self.info.id:
             template[Attribute.ID] = bytes.fromhex(self.info.id)
         for obj in session.get_objects(template):
@@ -295,7 +294,9 @@ class Pkcs11Key(Key):
                     raise translate(exc, what=what, key=self.label) from None
                 except (p11x.GeneralError, p11x.FunctionFailed) as exc:
                     if op == "decrypt":  # SoftHSM2 answers bad OAEP padding this way
-                        raise translate(p11x.EncryptedDataInvalid(), what=what, key=self.label) from exc
+                        raise translate(
+                            p11x.EncryptedDataInvalid(), what=what, key=self.label
+                        ) from exc
                     raise translate(exc, what=what, key=self.label) from None
                 except p11x.PKCS11Error as exc:
                     raise translate(exc, what=what, key=self.label) from None

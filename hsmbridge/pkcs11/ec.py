@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pkcs11
@@ -22,7 +23,9 @@ def generate(
     session: pkcs11.Session, spec: EC, public: dict[Attribute, Any], private: dict[Attribute, Any]
 ) -> tuple[Any, Any]:
     params = session.create_domain_parameters(
-        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_OID[spec.curve])}, local=True
+        KeyType.EC,
+        {Attribute.EC_PARAMS: encode_named_curve_parameters(_OID[spec.curve])},
+        local=True,
     )
     return params.generate_keypair(
         store=True,
@@ -50,10 +53,8 @@ def public_key_der(obj: Any) -> bytes:
     """SPKI DER from a public key object's CKA_EC_PARAMS and CKA_EC_POINT."""
     point = obj[Attribute.EC_POINT]
     # CKA_EC_POINT is a DER OCTET STRING per the spec; some modules store the raw point.
-    try:
+    with contextlib.suppress(ValueError):
         point = asn1_core.OctetString.load(point, strict=True).native
-    except ValueError:
-        pass
     spki = asn1_keys.PublicKeyInfo(
         {
             "algorithm": {

@@ -85,13 +85,17 @@ def translate(exc: Exception, *, what: str, key: str | None = None) -> HSMError:
             f"key, or used another padding ({name})"
         )
     if isinstance(exc, (p11x.DataLenRange, p11x.DataInvalid)):
-        return InvalidInput(f"{what} with {subject}: the input has the wrong length or form ({name})")
+        return InvalidInput(
+            f"{what} with {subject}: the input has the wrong length or form ({name})"
+        )
     if isinstance(exc, (p11x.KeyTypeInconsistent, p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid)):
         if isinstance(exc, p11x.KeyTypeInconsistent):
             return InvalidInput(f"{what}: {subject} has the wrong type for this mechanism")
         return KeyNotFound(f"{subject} no longer exists in the token (deleted by another process?)")
     if isinstance(exc, (p11x.MechanismInvalid, p11x.MechanismParamInvalid, p11x.ArgumentsBad)):
-        return MechanismNotSupported(f"{what}: the token rejected the mechanism or its parameters ({name})")
+        return MechanismNotSupported(
+            f"{what}: the token rejected the mechanism or its parameters ({name})"
+        )
     if isinstance(exc, p11x.FunctionRejected):
         return PermissionDenied(f"{what}: the token does not permit this operation with {subject}")
     if isinstance(exc, SESSION_BROKEN):

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import pkcs11
 
@@ -65,7 +66,7 @@ class LoadedModule:
     """A module loaded by python-pkcs11 and re-initialised for threads."""
 
     path: str
-    lib: pkcs11.lib
+    lib: Any  # pkcs11.lib
     #: False when the module refused OS locking: use it from one thread only.
     thread_safe: bool
 

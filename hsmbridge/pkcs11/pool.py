@@ -30,7 +30,7 @@ log = logging.getLogger("hsmbridge.pkcs11")
 class PooledSession:
     """A worker session plus the key objects already looked up in it."""
 
-    def __init__(self, session: pkcs11.Session) -> None:
+    def __init__(self, session: Any) -> None:
         self.session = session
         #: private key handle -> python-pkcs11 object bound to this session
         self.objects: dict[int, Any] = {}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up hsmbridge on a fresh Debian machine. Idempotent.
+#   scripts/setup.sh          system packages + .venv with hsmbridge
+#   scripts/setup.sh --test   the same plus the server and test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[server,test]"
+
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+packages="softhsm2 opensc openssl gcc python3-venv python3-dev"
+missing=""
+for p in $packages; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".$extras"
+# Build the native batch engine in place (the editable install does too; this
+# makes a missing compiler visible instead of silently using the fallback).
+.venv/bin/python setup.py -q build_ext --inplace
+.venv/bin/python -c "import hsmbridge._native" \
+    || echo "note: native engine not built; hsmbridge uses its pure-Python batch path" >&2
+echo "hsmbridge is set up in .venv (activate with: . .venv/bin/activate)"
