@@ -156,9 +156,8 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "keygen":
             usage = {u.strip() for u in args.usage.split(",") if u.strip()}
             key = hsm.generate_key(parse_key_spec(args.type), label=args.label, usage=usage)
-            print(
-                f"generated {key.spec} key {key.label!r} id {key.id} usage {','.join(sorted(usage))}"
-            )
+            uses = ",".join(sorted(key.info.usage))
+            print(f"generated {key.spec} key {key.label!r} id {key.id} usage {uses}")
         elif cmd == "list":
             rows = [info.to_dict() for info in hsm.list_keys()]
             if args.json:
