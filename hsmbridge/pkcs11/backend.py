@@ -14,6 +14,7 @@ from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
 from ..batch import BatchWorker, Operation
 from ..errors import (
     AmbiguousKey,
+    BatchItemError,
     ConfigurationError,
     HSMError,
     InvalidInput,
@@ -25,8 +26,8 @@ from ..errors import (
 from ..mechanisms import DECRYPT_MECHANISMS, SIGN_MECHANISMS, Mechanism
 from ..uri import Pkcs11URI
 from . import ec, rsa
-from .errormap import SESSION_BROKEN, translate
-from .module import LoadedModule, load_module
+from .errormap import SESSION_BROKEN, exception_for_rv, translate
+from .module import LoadedModule, load_module, load_native
 from .pool import PooledSession, SessionPool
 from .templates import key_pair_templates
 
@@ -70,7 +71,10 @@ def _select_token(module: LoadedModule, uri: Pkcs11URI) -> Any:
 class Pkcs11HSM(HSM):
     """One token of a PKCS#11 module, shared safely by many threads."""
 
-    def __init__(self, uri: Pkcs11URI, *, max_sessions: int | None = None) -> None:
+    def __init__(
+        self, uri: Pkcs11URI, *, max_sessions: int | None = None, native: bool | None = None
+    ) -> None:
+        """``native=False`` forces the pure-Python batch engine (for comparison)."""
         self.module = load_module(uri.module_path)
         self.token = _select_token(self.module, uri)
         self.description = f"token {self.token.label!r}"
@@ -86,6 +90,12 @@ class Pkcs11HSM(HSM):
         self.pool = SessionPool(
             self.token, uri.pin.value, workers, (self.module.path, int(slot.slot_id))
         )
+        self.native = load_native() if native is not False and self.module.thread_safe else None
+        if native and self.native is None:
+            raise ConfigurationError(
+                "native=True but the native engine hsmbridge._native is not built; "
+                "reinstall hsmbridge with a C compiler available"
+            )
         self._mechanisms: set[Any] | None = None
         self._rejected: set[Mechanism] = set()
 
@@ -273,33 +283,31 @@ class Pkcs11Key(Key):
                 f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
             )
 
+    def _op_error(self, exc: Exception, op: str, mech: Mechanism) -> HSMError:
+        """One translation of a failed sign/decrypt, for both engines."""
+        what = f"{mech.value} {'signature' if op == 'sign' else 'decryption'}"
+        if isinstance(exc, (p11x.ArgumentsBad, p11x.MechanismParamInvalid, p11x.MechanismInvalid)):
+            return self.hsm.unsupported(mech)
+        if op == "decrypt" and isinstance(exc, (p11x.GeneralError, p11x.FunctionFailed)):
+            exc = p11x.EncryptedDataInvalid()  # SoftHSM2 answers bad OAEP padding this way
+        return translate(exc, what=what, key=self.label)
+
     @contextlib.contextmanager
     def _worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> Iterator[Operation]:
+        """The pure-Python engine: python-pkcs11 calls on one pooled session."""
         self._check_usage(op)
         ckm, param = self._pkcs11_mechanism(mech)
         pooled = self.hsm.pool.acquire()
         try:
             obj = self._bound_object(pooled)
-            what = f"{mech.value} {'signature' if op == 'sign' else 'decryption'}"
+            call = obj.sign if op == "sign" else obj.decrypt
 
             def operate(data: bytes) -> bytes:
                 try:
-                    if op == "sign":
-                        return bytes(obj.sign(data, mechanism=ckm, mechanism_param=param))
-                    return bytes(obj.decrypt(data, mechanism=ckm, mechanism_param=param))
-                except (p11x.ArgumentsBad, p11x.MechanismParamInvalid, p11x.MechanismInvalid):
-                    raise self.hsm.unsupported(mech) from None
-                except SESSION_BROKEN as exc:
-                    pooled.broken = True
-                    raise translate(exc, what=what, key=self.label) from None
-                except (p11x.GeneralError, p11x.FunctionFailed) as exc:
-                    if op == "decrypt":  # SoftHSM2 answers bad OAEP padding this way
-                        raise translate(
-                            p11x.EncryptedDataInvalid(), what=what, key=self.label
-                        ) from exc
-                    raise translate(exc, what=what, key=self.label) from None
+                    return bytes(call(data, mechanism=ckm, mechanism_param=param))
                 except p11x.PKCS11Error as exc:
-                    raise translate(exc, what=what, key=self.label) from None
+                    pooled.broken = pooled.broken or isinstance(exc, SESSION_BROKEN)
+                    raise self._op_error(exc, op, mech) from None
 
             yield operate
         finally:
@@ -318,6 +326,10 @@ class Pkcs11Key(Key):
     def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
         return self._worker(op, mech)
 
+    def _output_length(self) -> int:
+        spec = self.spec
+        return spec.bits // 8 if isinstance(spec, RSA) else ec.output_length(spec)
+
     def _run_prepared(
         self,
         op: Literal["sign", "decrypt"],
@@ -326,7 +338,44 @@ class Pkcs11Key(Key):
         threads: int,
         return_exceptions: bool,
     ) -> list[bytes | HSMError]:
-        return super()._run_prepared(op, mech, items, threads, return_exceptions)
+        """Batches of two or more go to the native engine when it is built."""
+        engine = self.hsm.native
+        if engine is None or len(items) < 2:
+            return super()._run_prepared(op, mech, items, threads, return_exceptions)
+        self._check_usage(op)
+        ckm, _ = self._pkcs11_mechanism(mech)
+        param = rsa.native_param(mech) if isinstance(self.spec, RSA) else None
+        sessions = self.hsm.pool.acquire_many(threads)
+        try:
+            raw = engine.run_batch(
+                self.hsm.module.path,
+                0 if op == "sign" else 1,
+                [s.handle for s in sessions],
+                self.handle,
+                int(ckm),
+                param,
+                list(items),
+                self._output_length(),
+                not return_exceptions,
+            )
+            results: list[Any] = []  # None marks items a stopped batch never attempted
+            for out in raw:
+                if out is None or isinstance(out, bytes):
+                    results.append(out)
+                    continue
+                exc = exception_for_rv(out)
+                if isinstance(exc, SESSION_BROKEN):
+                    for s in sessions:  # which session broke is unknown: replace all
+                        s.broken = True
+                results.append(self._op_error(exc, op, mech))
+        finally:
+            for s in sessions:
+                self.hsm.pool.release(s)
+        if not return_exceptions:
+            for i, r in enumerate(results):
+                if isinstance(r, HSMError):
+                    raise BatchItemError(i, r)
+        return results
 
     def _default_threads(self) -> int:
         return min(self.hsm.pool.max_workers, os.cpu_count() or 1)

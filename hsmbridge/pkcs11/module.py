@@ -146,3 +146,12 @@ def _reinitialise_with_os_locking(path: str) -> bool:
             f"PKCS#11 module {path!r} could not be re-initialised (0x{rv:x}, then 0x{rv2:x})"
         )
     return False
+
+
+def load_native() -> Any:
+    """The C batch engine (hsmbridge._native), or None when it was not built."""
+    try:
+        from .. import _native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _native
