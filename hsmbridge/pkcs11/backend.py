@@ -114,13 +114,21 @@ class Pkcs11HSM(HSM):
         if not label or not isinstance(label, str):
             raise InvalidInput("a key needs a non-empty label")
         uses = normalize_usage(usage, spec)
-        raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
+        try:
+            raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
+        except ValueError:
+            raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
         public_t, private_t = key_pair_templates(raw_id, label, uses)
         with self.pool.admin() as session:
             if self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
                     f"a key labelled {label!r} already exists in {self.description}; "
                     "choose another label or delete the old key"
+                )
+            if self._find(session, {Attribute.ID: raw_id}):
+                raise KeyExists(
+                    f"a key with id {raw_id.hex()!r} already exists in {self.description}; "
+                    "choose another key_id or leave it out"
                 )
             try:
                 gen = rsa.generate if isinstance(spec, RSA) else ec.generate
