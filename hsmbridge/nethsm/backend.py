@@ -1,0 +1,468 @@
+"""The NetHSM backend: :class:`NetHSM` and :class:`NetHSMKey` over the REST API.
+
+NetHSM splits roles: an Administrator generates and deletes keys, an Operator
+signs and decrypts. A handle opened as one user can do what that user's role
+allows, and errors name the role an operation needs; a handle may also carry
+an ``admin=`` and an ``operator=`` credential, and then picks the one each
+request needs, so one :class:`NetHSM` can do everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
+from ..batch import BatchWorker, Operation
+from ..errors import (
+    AmbiguousKey,
+    ConfigurationError,
+    HSMError,
+    InvalidInput,
+    KeyExists,
+    KeyNotFound,
+    MechanismNotSupported,
+)
+from ..mechanisms import Mechanism, ecdsa_der_to_raw
+from ..uri import Secret, parse_nethsm_uri
+from . import keys
+from .client import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Client,
+    Credential,
+    TLSConfig,
+)
+from .errors import ADMINISTRATOR, ANY_USER, OPERATOR, Call
+
+PASSWORD_ENV = "NETHSM_PASSWORD"
+#: URI query parameters (``?name=value``) and the from_uri option each sets.
+_URI_PARAMS = {
+    "fingerprint": "fingerprint",
+    "ca": "ca",
+    "verify": "verify",
+    "timeout": "timeout",
+    "retries": "retries",
+    "max-connections": "max_connections",
+    "max_connections": "max_connections",
+}
+#: Default batch parallelism: enough requests in flight to hide network latency.
+DEFAULT_THREADS = 12
+
+
+def _credential(value: Any, role: str) -> Credential | None:
+    if value is None or isinstance(value, Credential):
+        return value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    ):
+        return Credential(value[0], Secret(value[1]))
+    option = "admin" if role == ADMINISTRATOR else "operator"
+    raise ConfigurationError(f"{option}= must be a (user, password) pair of strings")
+
+
+class NetHSM(HSM):
+    """A NetHSM (or several instances of one) reached over its REST API."""
+
+    def __init__(
+        self,
+        hosts: Sequence[tuple[str, int]],
+        user: str,
+        password: str | None = None,
+        *,
+        admin: tuple[str, str] | Credential | None = None,
+        operator: tuple[str, str] | Credential | None = None,
+        tls: TLSConfig | None = None,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> None:
+        self._admin = _credential(admin, ADMINISTRATOR)
+        self._operator = _credential(operator, OPERATOR)
+        if password is None:
+            password = os.environ.get(PASSWORD_ENV)
+        if password is None:
+            same = [c for c in (self._admin, self._operator) if c is not None and c.user == user]
+            if not same:
+                raise ConfigurationError(
+                    f"no password for NetHSM user {user!r}; pass password= or set "
+                    f"{PASSWORD_ENV} (never put it in the URI)"
+                )
+            self._primary = same[0]
+        else:
+            self._primary = Credential(user, Secret(password))
+        self.client = Client(
+            hosts,
+            tls or TLSConfig(),
+            timeout=timeout,
+            max_connections=max_connections,
+            retries=retries,
+            backoff=backoff,
+        )
+        self.description = f"NetHSM {self.client.describe()} as {user!r}"
+        self._labels_supported = True
+        #: mechanisms the NetHSM answered "not supported" for (left out of suggestions)
+        self._refused: set[Mechanism] = set()
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> NetHSM:
+        """``nethsm://USER@HOST:PORT[,HOST:PORT...][?fingerprint=sha256:HEX&ca=F&verify=false]``.
+
+        Options: ``password`` (else ``NETHSM_PASSWORD``), ``admin=(user, password)``,
+        ``operator=(user, password)``, ``fingerprint``, ``ca``, ``verify``,
+        ``timeout`` (seconds or (connect, read)), ``max_connections``, ``retries``,
+        ``backoff``. Options override URI parameters.
+        """
+        parsed = parse_nethsm_uri(uri)
+        merged: dict[str, Any] = {}
+        for name, value in parsed.params.items():
+            if name not in _URI_PARAMS:
+                raise ConfigurationError(
+                    f"unknown NetHSM URI parameter {name!r}; known: "
+                    + ", ".join(sorted(set(_URI_PARAMS)))
+                )
+            merged[_URI_PARAMS[name]] = value
+        merged.update(options)
+        known = {
+            "password", "admin", "operator", "fingerprint", "ca", "verify", "timeout",
+            "max_connections", "retries", "backoff",
+        }  # fmt: skip
+        unknown = set(merged) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown NetHSM option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        tls = TLSConfig.from_options(
+            merged.pop("verify", None), merged.pop("ca", None), merged.pop("fingerprint", None)
+        )
+        for name in ("retries", "max_connections"):
+            if name in merged:
+                try:
+                    merged[name] = int(merged[name])
+                except (TypeError, ValueError):
+                    raise ConfigurationError(f"{name} must be an integer") from None
+        if "backoff" in merged:
+            merged["backoff"] = float(merged["backoff"])
+        return cls(parsed.hosts, parsed.user, tls=tls, **merged)
+
+    # -- credentials -----------------------------------------------------------------
+
+    def _cred(self, role: str) -> Credential:
+        if role == OPERATOR and self._operator is not None:
+            return self._operator
+        if role == ADMINISTRATOR and self._admin is not None:
+            return self._admin
+        return self._primary
+
+    def _get(self, path: str, call: Call, **kw: Any) -> Any:
+        return self.client.get_json(path, call, self._cred(call.role), **kw)
+
+    # -- key management --------------------------------------------------------------
+
+    def generate_key(
+        self,
+        spec: KeySpec,
+        label: str,
+        *,
+        usage: Iterable[str] | str | None = None,
+        key_id: str | None = None,
+    ) -> NetHSMKey:
+        if not isinstance(spec, (RSA, EC)):
+            raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+        if not label or not isinstance(label, str):
+            raise InvalidInput("a key needs a non-empty label")
+        uses = normalize_usage(usage, spec)
+        kid = keys.check_key_id(key_id) if key_id is not None else None
+        if kid is None and keys.is_key_id(label):
+            kid = label
+        if not keys.label_fits(label) and kid != label:
+            raise InvalidInput(
+                f"label {label!r} is longer than NetHSM's {keys.MAX_LABEL_BYTES}-byte labels and "
+                "is not a valid key ID either; use a shorter label, or one made of letters, "
+                "digits, '_', '.' and '-' (then it is also the key ID)"
+            )
+        if self._find(label):
+            raise KeyExists(
+                f"a key labelled {label!r} already exists on {self.description}; "
+                "choose another label or delete the old key"
+            )
+        if kid is not None and kid != label and self._fetch(kid) is not None:
+            raise KeyExists(f"a key with id {kid!r} already exists on {self.description}")
+        mechanisms = keys.mechanisms_for(spec, uses)
+        body: dict[str, Any] = {"mechanisms": mechanisms, **keys.key_type_body(spec)}
+        if kid is not None:
+            body["id"] = kid
+        call = Call(f"generating a {spec} key {label!r}", ADMINISTRATOR, safe=False, op="generate")
+        cred = self._cred(ADMINISTRATOR)
+        if keys.label_fits(label) and self._labels_supported:
+            try:
+                answer = self.client.post_json(
+                    "/keys/generate", call, cred, {**body, "label": label}
+                )
+            except InvalidInput as exc:
+                if "label" not in exc.message.lower():
+                    raise
+                self._labels_supported = False  # a NetHSM before 5.0: the key ID is the label
+        if not self._labels_supported:
+            if kid != label:
+                raise InvalidInput(
+                    f"{self.description} has no key labels (NetHSM < 5.0), so the label must be "
+                    f"a valid key ID; {label!r} is not"
+                )
+            answer = self.client.post_json("/keys/generate", call, cred, body)
+        new_id = str(answer.get("id") or kid or "") if isinstance(answer, dict) else kid
+        if not new_id:
+            raise HSMError(f"{self.description} generated a key but did not say its id")
+        info = KeyInfo(label, new_id, spec, uses)
+        return NetHSMKey(self, info, tuple(mechanisms))
+
+    def get_key(self, label: str | None = None, *, key_id: str | None = None) -> NetHSMKey:
+        if label is None and key_id is None:
+            raise InvalidInput("get_key needs a label or a key_id")
+        if key_id is not None:
+            data = self._fetch(keys.check_key_id(key_id))
+            found = [] if data is None else [(key_id, data)]
+            if label is not None:
+                found = [(i, d) for i, d in found if _label_of(i, d) == label]
+        else:
+            assert label is not None
+            found = self._find(label)
+        wanted = " and ".join(
+            f"{k} {v!r}" for k, v in (("label", label), ("id", key_id)) if v is not None
+        )
+        if not found:
+            present = [item["id"] for item in self._key_list()][:20]
+            raise KeyNotFound(
+                f"no key with {wanted} on {self.description}; key ids present: "
+                + (", ".join(repr(k) for k in present) or "none")
+            )
+        if len(found) > 1:
+            raise AmbiguousKey(
+                f"{len(found)} keys have {wanted} on {self.description} (ids: "
+                + ", ".join(i for i, _ in found)
+                + "); ask by key_id or give the keys unique labels"
+            )
+        kid, data = found[0]
+        return self._key(kid, data, wanted)
+
+    def list_keys(self) -> list[KeyInfo]:
+        ids = [str(item["id"]) for item in self._key_list()]
+        workers = max(1, min(8, self.client.max_connections, len(ids)))
+        with ThreadPoolExecutor(workers) as pool:
+            fetched = list(pool.map(self._fetch, ids))
+        infos = []
+        for kid, data in zip(ids, fetched, strict=True):
+            if data is None:
+                continue  # deleted meanwhile
+            info = _info(kid, data)
+            if info is not None:
+                infos.append(info)
+        return sorted(infos, key=lambda i: (i.label, i.id))
+
+    def health(self) -> str:
+        """The NetHSM's state (``Operational``, ``Locked``, ...) from ``/health/state``."""
+        data = self._get("/health/state", Call("reading the state", ANY_USER, safe=True))
+        return str(data.get("state", "unknown"))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _key_list(self, label: str | None = None) -> list[dict[str, Any]]:
+        params = {"label": label} if label is not None else None
+        data = self._get("/keys", Call("listing keys", ANY_USER, safe=True), params=params)
+        if not isinstance(data, list):
+            raise HSMError(f"{self.description} answered the key list with {type(data).__name__}")
+        return [item for item in data if isinstance(item, dict) and "id" in item]
+
+    def _fetch(self, key_id: str) -> dict[str, Any] | None:
+        """``GET /keys/{id}``, or None when there is no such key."""
+        call = Call(f"reading key {key_id!r}", ANY_USER, safe=True, key_id=key_id)
+        try:
+            data = self._get(f"/keys/{key_id}", call)
+        except KeyNotFound:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _find(self, label: str) -> list[tuple[str, dict[str, Any]]]:
+        """Keys whose label is ``label`` (a key without a label is labelled by its ID)."""
+        found: dict[str, dict[str, Any]] = {}
+        if keys.is_key_id(label):
+            data = self._fetch(label)
+            if data is not None and _label_of(label, data) == label:
+                found[label] = data
+        if not self._labels_supported or not keys.label_fits(label):
+            return list(found.items())
+        for item in self._key_list(label):
+            kid = str(item["id"])
+            if kid in found or kid == label:
+                continue
+            data = self._fetch(kid)
+            if data is None:
+                continue
+            if "label" not in data:
+                break  # the server ignored the filter and has no labels: nothing more to find
+            if data.get("label") == label:
+                found[kid] = data
+        return list(found.items())
+
+    def _key(self, kid: str, data: Mapping[str, Any], wanted: str) -> NetHSMKey:
+        info = _info(kid, data)
+        if info is None:
+            raise KeyNotFound(
+                f"the key with {wanted} on {self.description} is a {data.get('type')} key, "
+                "which hsmbridge does not use; it handles RSA and EC P-256/P-384/P-521 keys"
+            )
+        return NetHSMKey(self, info, tuple(str(m) for m in data.get("mechanisms", ())))
+
+    def close(self) -> None:
+        self.client.close()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Request, retry, failover and health-probe counters (a copy)."""
+        return dict(self.client.stats)
+
+
+def _label_of(kid: str, data: Mapping[str, Any]) -> str:
+    return str(data.get("label") or kid)
+
+
+def _info(kid: str, data: Mapping[str, Any]) -> KeyInfo | None:
+    spec = keys.spec_of(data)
+    if spec is None:
+        return None
+    usage = keys.usage_of(str(m) for m in data.get("mechanisms", ()))
+    return KeyInfo(_label_of(kid, data), kid, spec, usage)
+
+
+class NetHSMKey(Key):
+    """A key pair in a NetHSM, addressed by its key ID."""
+
+    def __init__(self, hsm: NetHSM, info: KeyInfo, mechanisms: tuple[str, ...]) -> None:
+        super().__init__(info)
+        self.hsm = hsm
+        self.mechanisms = mechanisms
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/keys/{self.id}{suffix}"
+
+    def _fetch_public_key_der(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        call = Call(
+            f"reading the public key of {self.label!r}", ANY_USER, safe=True, key_id=self.id
+        )
+        try:
+            resp = self.hsm.client.request(
+                "GET", self._path("/public.pem"), call, self.hsm._cred(ANY_USER),
+                accept="application/x-pem-file",
+            )  # fmt: skip
+            loaded = serialization.load_pem_public_key(resp.content)
+            return loaded.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except (ValueError, HSMError) as exc:
+            if isinstance(exc, HSMError) and exc.status not in (406, 501):
+                raise
+        return self.public_key_der_from_data()
+
+    def public_key_der_from_data(self) -> bytes:
+        """SPKI DER built from the key's ``public`` data (``GET /keys/{id}``)."""
+        data = self.hsm._fetch(self.id)
+        if data is None:
+            raise KeyNotFound(f"key {self.label!r} no longer exists on {self.hsm.description}")
+        return keys.public_key_der(self.spec, data.get("public") or {})
+
+    def _offers(self, op: str, besides: Mechanism) -> list[str]:
+        """Mechanisms the key allows that the NetHSM has not refused, ``besides`` excluded."""
+        refused = {m.value for m in self.hsm._refused} | {besides.value}
+        allowed = keys.offered_mechanisms(self.spec, self.mechanisms, sign=op == "sign")
+        return [m for m in allowed if m not in refused]
+
+    def _check_usage(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> str:
+        if op not in self.info.usage:
+            raise InvalidInput(
+                f"key {self.label!r} was not made for {op} (its usage is "
+                f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
+            )
+        needed, mode = keys.mode_for(mech)
+        if needed not in self.mechanisms:
+            offered = self._offers(op, mech)
+            raise MechanismNotSupported(
+                f"key {self.label!r} on {self.hsm.description} does not allow {mech.value} "
+                f"(NetHSM mechanism {needed}); it offers: {', '.join(offered) or 'nothing'}"
+            )
+        return mode
+
+    @contextlib.contextmanager
+    def _worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> Iterator[Operation]:
+        mode = self._check_usage(op, mech)
+        client = self.hsm.client
+        cred = self.hsm._cred(OPERATOR)
+        verb = "signing" if op == "sign" else "decryption"
+        call = Call(
+            f"{verb} ({mech.value}) with key {self.label!r}",
+            OPERATOR,
+            safe=True,
+            key_id=self.id,
+            op=op,
+            offers=", ".join(self._offers(op, mech)),
+        )
+        refused = self.hsm._refused
+        path = self._path("/" + op)
+        spec = self.spec
+        field, answer_field = (
+            ("message", "signature") if op == "sign" else ("encrypted", "decrypted")
+        )
+
+        def operate(data: bytes) -> bytes:
+            if isinstance(spec, EC):
+                data = keys.ecdsa_input(data, spec)
+            body = {"mode": mode, field: keys.b64encode(data)}
+            try:
+                answer = client.post_json(path, call, cred, body)
+            except MechanismNotSupported:
+                refused.add(mech)  # e.g. a bridge on SoftHSM2 has OAEP with SHA-1 only
+                raise
+            out = keys.b64decode(_member(answer, answer_field), f"the {answer_field} data")
+            if isinstance(spec, EC):
+                return ecdsa_der_to_raw(out, spec.field_bytes)
+            return out
+
+        yield operate
+
+    def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
+        return self._worker(op, mech)
+
+    def _run_prepared(
+        self,
+        op: Literal["sign", "decrypt"],
+        mech: Mechanism,
+        items: Sequence[bytes],
+        threads: int,
+        return_exceptions: bool,
+    ) -> list[bytes | HSMError]:
+        # More threads than pooled connections would only queue on sockets.
+        limit = self.hsm.client.max_connections * len(self.hsm.client.instances)
+        return super()._run_prepared(op, mech, items, min(threads, limit), return_exceptions)
+
+    def _default_threads(self) -> int:
+        client = self.hsm.client
+        return min(DEFAULT_THREADS, client.max_connections * len(client.instances))
+
+    def _delete(self) -> None:
+        call = Call(f"deleting key {self.label!r}", ADMINISTRATOR, safe=False, key_id=self.id)
+        self.hsm.client.request("DELETE", self._path(), call, self.hsm._cred(ADMINISTRATOR))
+
+
+def _member(answer: Any, name: str) -> Any:
+    if not isinstance(answer, dict) or name not in answer:
+        raise HSMError(f"the NetHSM's answer has no {name!r} member")
+    return answer[name]

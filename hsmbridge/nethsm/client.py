@@ -1,0 +1,354 @@
+"""The NetHSM REST transport: pooled keep-alive HTTPS, TLS pinning, retries, failover.
+
+One :class:`Client` talks to one or more NetHSM instances (a cluster's
+members, or bridge servers) through ``requests``. Each instance has one
+keep-alive connection pool sized to the configured concurrency, so batch
+threads never wait for a socket. Requests that are safe to repeat (sign,
+decrypt, reads) are retried with backoff on connection errors, 412, 429 and
+5xx, round-robin over the instances that answer ``/health/ready``; requests
+that change state (generate, delete, import) are only sent to another instance
+when the first one could not be reached at all, never repeated after sending.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..errors import ConfigurationError, HSMError
+from ..uri import Secret
+from .errors import Call, from_response, from_transport, not_sent
+
+log = logging.getLogger("hsmbridge.nethsm")
+
+DEFAULT_TIMEOUT = (5.0, 30.0)
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_RETRIES = 4
+DEFAULT_BACKOFF = 0.1
+MAX_BACKOFF = 2.0
+#: How long an instance that failed is skipped before it is probed again.
+COOLDOWN = 2.0
+RETRY_STATUSES = frozenset({412, 429, 500, 502, 503, 504})
+
+_FINGERPRINT_RE = re.compile(r"^(?:sha-?256:)?([0-9a-fA-F:]+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A NetHSM user and password; the password never shows in a repr."""
+
+    user: str
+    password: Secret = field(repr=False)
+
+    def header(self) -> str:
+        token = f"{self.user}:{self.password.value}".encode()
+        return "Basic " + base64.b64encode(token).decode("ascii")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """``sha256:AB:CD..`` / ``abcd..`` to 64 lowercase hex digits."""
+    match = _FINGERPRINT_RE.match(text.strip())
+    digits = match.group(1).replace(":", "").lower() if match else ""
+    if len(digits) != 64 or not all(c in "0123456789abcdef" for c in digits):
+        raise ConfigurationError(
+            f"fingerprint must be the certificate's SHA-256 as 64 hex digits, optionally "
+            f"'sha256:'-prefixed and colon-separated, got {text!r}; get it with "
+            "'openssl x509 -noout -fingerprint -sha256 -in cert.pem'"
+        )
+    return digits
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """How the server is authenticated: CA file/system CAs, a pinned fingerprint, or nothing."""
+
+    verify: bool = True
+    ca: str | None = None
+    fingerprint: str | None = None
+
+    @classmethod
+    def from_options(
+        cls, verify: Any = None, ca: str | None = None, fingerprint: str | None = None
+    ) -> TLSConfig:
+        if isinstance(verify, str):
+            lowered = verify.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigurationError(f"verify must be true or false, got {verify!r}")
+            verify = lowered in ("true", "1", "yes")
+        on = True if verify is None else bool(verify)
+        if ca is not None and not os.path.isfile(ca):
+            raise ConfigurationError(f"ca={ca!r} is not a readable file; give a PEM CA bundle")
+        pin = normalize_fingerprint(fingerprint) if fingerprint else None
+        if not on and pin is None and ca is None:
+            message = (
+                "TLS verification of the NetHSM is disabled (verify=false): anyone on the path "
+                "can read the password; pin the certificate with fingerprint=sha256:HEX instead"
+            )
+            warnings.warn(message, stacklevel=4)
+            log.warning(message)
+        return cls(verify=on, ca=ca, fingerprint=pin)
+
+    def requests_verify(self) -> bool | str:
+        """The ``verify=`` requests gets: chain validation is off when only pinning."""
+        if self.ca is not None:
+            return self.ca
+        if self.fingerprint is not None:
+            return False
+        return self.verify
+
+
+class _PoolAdapter(HTTPAdapter):
+    """An HTTPAdapter whose pools check a pinned certificate during the handshake.
+
+    urllib3 compares the peer certificate's SHA-256 with ``assert_fingerprint``
+    right after the TLS handshake, before a single request byte — and so before
+    the Authorization header — is written.
+    """
+
+    def __init__(self, fingerprint: str | None, maxsize: int) -> None:
+        self._fingerprint = fingerprint
+        super().__init__(pool_connections=1, pool_maxsize=maxsize, max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        if self._fingerprint is not None:
+            pool_kwargs["assert_fingerprint"] = self._fingerprint
+            pool_kwargs["assert_hostname"] = False
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+
+class Instance:
+    """One NetHSM endpoint with its own connection pool and health state."""
+
+    def __init__(self, host: str, port: int, tls: TLSConfig, maxsize: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        self.base = f"https://{shown}:{port}/api/v1"
+        self.where = f"NetHSM at {shown}:{port}"
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxies/netrc/CA overrides from the environment
+        self.adapter = _PoolAdapter(tls.fingerprint, maxsize)
+        self.session.mount("https://", self.adapter)
+        self.down_until = 0.0
+        self.suspect = False
+        self.probe_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.base}>"
+
+
+class Client:
+    """Sends NetHSM requests with the retry and failover policy above. Thread-safe."""
+
+    def __init__(
+        self,
+        hosts: Sequence[tuple[str, int]],
+        tls: TLSConfig,
+        *,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> None:
+        if not hosts:
+            raise ConfigurationError("a NetHSM URI needs at least one HOST:PORT")
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, got {max_connections}")
+        if retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        self.timeout = _timeout(timeout)
+        self.max_connections = max_connections
+        self.retries = retries
+        self.backoff = backoff
+        self.tls = tls
+        self._verify = tls.requests_verify()
+        self.instances = [Instance(h, p, tls, max_connections) for h, p in hosts]
+        self._rr = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failovers": 0, "probes": 0}
+
+    def describe(self) -> str:
+        return ", ".join(i.where.removeprefix("NetHSM at ") for i in self.instances)
+
+    def close(self) -> None:
+        for inst in self.instances:
+            inst.session.close()
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            self.stats[name] += 1
+
+    # -- choosing an instance ------------------------------------------------------
+
+    def _pick(self) -> Instance:
+        """Next instance round-robin, skipping ones that failed recently and are not ready."""
+        n = len(self.instances)
+        start = next(self._rr)
+        if n == 1:
+            return self.instances[0]
+        now = time.monotonic()
+        for i in range(n):
+            inst = self.instances[(start + i) % n]
+            if inst.down_until > now:
+                continue
+            if not inst.suspect or self._probe(inst):
+                return inst
+        # Every instance failed recently: send to the one that failed longest ago.
+        return min(self.instances, key=lambda x: x.down_until)
+
+    def _probe(self, inst: Instance) -> bool:
+        """``GET /health/ready`` on an instance that failed before (one prober at a time)."""
+        if not inst.probe_lock.acquire(blocking=False):
+            return False
+        try:
+            self._count("probes")
+            try:
+                resp = inst.session.get(
+                    inst.base + "/health/ready",
+                    timeout=(self.timeout[0], min(self.timeout[1], 5.0)),
+                    verify=self._verify,
+                )
+                ready = resp.status_code == 200
+            except requests.RequestException:
+                ready = False
+            if ready:
+                inst.suspect = False
+                inst.down_until = 0.0
+            else:
+                inst.down_until = time.monotonic() + COOLDOWN
+            return ready
+        finally:
+            inst.probe_lock.release()
+
+    def _mark_down(self, inst: Instance) -> None:
+        inst.suspect = True
+        inst.down_until = time.monotonic() + COOLDOWN
+
+    def _others_up(self, failed: Instance) -> bool:
+        now = time.monotonic()
+        return any(i is not failed and i.down_until <= now for i in self.instances)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        call: Call,
+        credential: Credential,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        accept: str = "application/json",
+    ) -> requests.Response:
+        """Send one request, retrying and failing over per the policy; map errors."""
+        headers = {"Authorization": credential.header(), "Accept": accept}
+        data: bytes | None = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        # Safe calls: retries + 1 attempts. Unsafe: each instance at most once, and
+        # only while the request could not be sent.
+        attempts = self.retries + 1 if call.safe else len(self.instances)
+        error: HSMError | None = None
+        for attempt in range(attempts):
+            inst = self._pick()
+            prepared = requests.PreparedRequest()
+            prepared.prepare_method(method)
+            prepared.prepare_url(inst.base + path, params)
+            prepared.prepare_headers(headers)
+            prepared.prepare_body(data, None)
+            self._count("requests")
+            try:
+                resp = inst.adapter.send(prepared, timeout=self.timeout, verify=self._verify)
+            except requests.RequestException as exc:
+                error = from_transport(exc, call, where=inst.where)
+                if isinstance(exc, requests.exceptions.SSLError):
+                    raise error from None  # a configuration or security problem: never retry
+                self._mark_down(inst)
+                if not (call.safe or not_sent(exc)):
+                    raise error from None
+                log.info("%s failed on %s (%s); %s", call.what, inst.where, exc, "retrying")
+                delay = self._delay(attempt, inst, None)
+            else:
+                if resp.status_code < 400:
+                    inst.suspect = False
+                    return resp
+                error = from_response(resp, call, user=credential.user, where=inst.where)
+                status = resp.status_code
+                retryable = status in RETRY_STATUSES if call.safe else status == 412
+                if not retryable:
+                    raise error
+                if status == 412 or status >= 500:
+                    self._mark_down(inst)
+                log.info("%s got HTTP %d from %s; retrying", call.what, status, inst.where)
+                delay = self._delay(attempt, inst, resp.headers.get("Retry-After"))
+            if attempt + 1 < attempts:
+                self._count("retries")
+                if len(self.instances) > 1 and self._others_up(inst):
+                    self._count("failovers")
+                elif delay > 0:
+                    time.sleep(delay)
+        assert error is not None
+        raise error
+
+    def _delay(self, attempt: int, inst: Instance, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(MAX_BACKOFF, max(0.0, float(retry_after)))
+            except ValueError:
+                pass
+        base: float = min(MAX_BACKOFF, self.backoff * 2.0**attempt)
+        return base * (0.5 + random.random() / 2)
+
+    def get_json(self, path: str, call: Call, credential: Credential, **kw: Any) -> Any:
+        resp = self.request("GET", path, call, credential, **kw)
+        return _json(resp, call, resp.url or path)
+
+    def post_json(
+        self, path: str, call: Call, credential: Credential, body: Mapping[str, Any]
+    ) -> Any:
+        resp = self.request("POST", path, call, credential, body=body)
+        return _json(resp, call, resp.url or path)
+
+
+def _json(resp: requests.Response, call: Call, where: str) -> Any:
+    try:
+        return json.loads(resp.content)
+    except ValueError:
+        raise HSMError(
+            f"the NetHSM answered {call.what} with something that is not JSON ({where})",
+            status=resp.status_code,
+        ) from None
+
+
+def _timeout(value: Any) -> tuple[float, float]:
+    if isinstance(value, str):
+        parts = [p for p in value.split(",") if p]
+        value = tuple(float(p) for p in parts) if len(parts) == 2 else float(value)
+    if isinstance(value, (int, float)):
+        value = (float(value), float(value))
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not all(isinstance(v, (int, float)) and v > 0 for v in value)
+    ):
+        raise ConfigurationError(
+            f"timeout must be seconds (e.g. 10) or a (connect, read) pair, got {value!r}"
+        )
+    connect, read = value
+    return (float(connect), float(read))
