@@ -1,0 +1,741 @@
+/*
+ * hsmbridge._native - batch sign/decrypt over a set of PKCS#11 sessions.
+ *
+ * run_batch() takes the handles of sessions and a key that python-pkcs11 has
+ * already opened/found in this process, copies every input into C memory,
+ * releases the GIL once, and runs one native thread per session.  Each thread
+ * takes the next item index from a shared atomic counter and makes exactly
+ * two PKCS#11 calls per item: C_SignInit + C_Sign (or C_DecryptInit +
+ * C_Decrypt) into a buffer of the caller's out_len - no NULL-buffer length
+ * query.  The Python result list is built after the GIL is taken back.
+ *
+ * The module's function list is found with dlopen(path, RTLD_NOW|RTLD_NOLOAD)
+ * + C_GetFunctionList, which yields the instance python-pkcs11 loaded and
+ * initialised, so its session and object handles are valid here.  This code
+ * never calls C_Initialize/C_Finalize: the caller is responsible for having
+ * initialised the module with CKF_OS_LOCKING_OK before using more than one
+ * session (design.md fact 1).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pkcs11_min.h"
+
+#define OP_SIGN 0
+#define OP_DECRYPT 1
+
+/* Upper bounds that catch nonsense arguments early. */
+#define MAX_SESSIONS 256
+#define MAX_OUT_LEN (1UL << 20) /* per item output buffer, 1 MiB */
+#define MAX_MODULES 16
+
+/* ------------------------------------------------------------------------ */
+/* function-list cache                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    char *path;
+    void *handle; /* dlopen reference kept for the life of the process */
+    CK_FUNCTION_LIST_PTR fl;
+} module_entry;
+
+static module_entry g_modules[MAX_MODULES];
+static int g_nmodules;
+static pthread_mutex_t g_modules_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/*
+ * Find the function list of an already loaded and initialised module.
+ * Returns NULL with a Python exception set on failure.  Called with the GIL.
+ */
+static CK_FUNCTION_LIST_PTR
+get_function_list(const char *path)
+{
+    CK_FUNCTION_LIST_PTR fl = NULL;
+    int i;
+
+    pthread_mutex_lock(&g_modules_lock);
+    for (i = 0; i < g_nmodules; i++) {
+        if (strcmp(g_modules[i].path, path) == 0) {
+            fl = g_modules[i].fl;
+            pthread_mutex_unlock(&g_modules_lock);
+            return fl;
+        }
+    }
+
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    int fresh = 0;
+    if (handle == NULL) {
+        handle = dlopen(path, RTLD_NOW);
+        fresh = 1;
+    }
+    if (handle == NULL) {
+        const char *err = dlerror();
+        pthread_mutex_unlock(&g_modules_lock);
+        PyErr_Format(PyExc_RuntimeError,
+                     "PKCS#11 module %s is not loaded in this process and could not be "
+                     "loaded (%s); load and initialise it with python-pkcs11 first",
+                     path, err ? err : "unknown dlopen error");
+        return NULL;
+    }
+
+    CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(handle, "C_GetFunctionList");
+    if (get_list == NULL) {
+        dlclose(handle);
+        pthread_mutex_unlock(&g_modules_lock);
+        PyErr_Format(PyExc_RuntimeError,
+                     "%s does not export C_GetFunctionList; is it a PKCS#11 module?", path);
+        return NULL;
+    }
+    CK_RV rv = get_list(&fl);
+    if (rv != CKR_OK || fl == NULL) {
+        dlclose(handle);
+        pthread_mutex_unlock(&g_modules_lock);
+        PyErr_Format(PyExc_RuntimeError, "C_GetFunctionList of %s failed (CK_RV 0x%lx)", path,
+                     (unsigned long)rv);
+        return NULL;
+    }
+
+    /* The handles we are given only mean something in an initialised module:
+     * C_GetInfo answers CKR_CRYPTOKI_NOT_INITIALIZED otherwise. */
+    CK_INFO info;
+    rv = fl->C_GetInfo(&info);
+    if (rv != CKR_OK) {
+        dlclose(handle);
+        pthread_mutex_unlock(&g_modules_lock);
+        if (rv == CKR_CRYPTOKI_NOT_INITIALIZED) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "PKCS#11 module %s is %s in this process; open it with "
+                         "python-pkcs11 (pkcs11.lib(path)) before calling run_batch",
+                         path, fresh ? "not loaded" : "loaded but not initialised");
+        } else {
+            PyErr_Format(PyExc_RuntimeError, "C_GetInfo of %s failed (CK_RV 0x%lx)", path,
+                         (unsigned long)rv);
+        }
+        return NULL;
+    }
+
+    if (g_nmodules >= MAX_MODULES) {
+        /* Still usable, just not cached: keep the dlopen reference anyway. */
+        pthread_mutex_unlock(&g_modules_lock);
+        return fl;
+    }
+    char *copy = strdup(path);
+    if (copy == NULL) {
+        pthread_mutex_unlock(&g_modules_lock);
+        return fl;
+    }
+    g_modules[g_nmodules].path = copy;
+    g_modules[g_nmodules].handle = handle;
+    g_modules[g_nmodules].fl = fl;
+    g_nmodules++;
+    pthread_mutex_unlock(&g_modules_lock);
+    return fl;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the batch                                                                 */
+/* ------------------------------------------------------------------------ */
+
+enum { ITEM_NOT_DONE = 0, ITEM_OK = 1, ITEM_ERROR = 2 };
+
+typedef struct {
+    unsigned char *out; /* malloc'd, exactly len bytes (ITEM_OK) */
+    CK_ULONG len;
+    CK_RV rv;           /* ITEM_ERROR */
+    int state;
+} item_result;
+
+typedef CK_RV (*init_fn)(CK_SESSION_HANDLE, CK_MECHANISM_PTR, CK_OBJECT_HANDLE);
+typedef CK_RV (*oneshot_fn)(CK_SESSION_HANDLE, CK_BYTE_PTR, CK_ULONG, CK_BYTE_PTR,
+                            CK_ULONG_PTR);
+
+typedef enum { PARAM_NONE = 0, PARAM_PSS, PARAM_OAEP } param_kind;
+
+typedef struct {
+    init_fn init;
+    oneshot_fn oneshot;
+    CK_MECHANISM_TYPE mechanism;
+    param_kind pkind;
+    CK_RSA_PKCS_PSS_PARAMS pss;
+    CK_RSA_PKCS_OAEP_PARAMS oaep;
+    CK_OBJECT_HANDLE key;
+    const unsigned char *arena; /* all inputs, back to back */
+    const size_t *offsets;      /* n + 1 offsets into arena */
+    size_t n;
+    CK_ULONG out_len;
+    int stop_on_error;
+    atomic_size_t next;
+    atomic_int stop;
+    item_result *results;
+} batch_t;
+
+typedef struct {
+    batch_t *b;
+    CK_SESSION_HANDLE session;
+    pthread_t tid;
+    int started;
+} worker_t;
+
+static void
+set_error(item_result *r, CK_RV rv)
+{
+    r->state = ITEM_ERROR;
+    r->rv = rv;
+}
+
+/*
+ * End an operation left active on the session (ours after a second
+ * CKR_BUFFER_TOO_SMALL, or a leftover from earlier use of the session).  In
+ * PKCS#11 v2.40 an active single-part operation ends when C_Sign/C_Decrypt
+ * returns anything but CKR_BUFFER_TOO_SMALL (or a successful length query),
+ * so call it with dummy input and a buffer big enough for the answer; the
+ * result is thrown away.
+ */
+static void
+finish_active(const batch_t *b, CK_SESSION_HANDLE session)
+{
+    CK_BYTE dummy[1] = {0};
+    CK_ULONG cap = b->out_len > 1024 ? b->out_len : 1024;
+    int tries;
+
+    for (tries = 0; tries < 3 && cap <= MAX_OUT_LEN; tries++) {
+        CK_BYTE_PTR buf = malloc(cap);
+        if (buf == NULL)
+            return;
+        CK_ULONG len = cap;
+        CK_RV rv = b->oneshot(session, dummy, 0, buf, &len);
+        free(buf);
+        if (rv != CKR_BUFFER_TOO_SMALL)
+            return;
+        cap = len > cap ? len : cap * 4;
+    }
+}
+
+/* One item: exactly one Init and one C_Sign/C_Decrypt (a second one only when
+ * the token answers CKR_BUFFER_TOO_SMALL to a buffer of out_len). */
+static void
+run_one(const batch_t *b, CK_SESSION_HANDLE session, CK_MECHANISM *mech,
+        const unsigned char *in, CK_ULONG in_len, unsigned char *scratch, item_result *r)
+{
+    CK_RV rv = b->init(session, mech, b->key);
+    if (rv == CKR_OPERATION_ACTIVE) {
+        finish_active(b, session);
+        rv = b->init(session, mech, b->key);
+    }
+    if (rv != CKR_OK) {
+        set_error(r, rv);
+        return;
+    }
+
+    unsigned char *buf = scratch;
+    unsigned char *big = NULL;
+    CK_ULONG cap = b->out_len;
+    CK_ULONG len = cap;
+    rv = b->oneshot(session, (CK_BYTE_PTR)in, in_len, buf, &len);
+
+    if (rv == CKR_BUFFER_TOO_SMALL) {
+        /* The operation is still active: retry once with the reported size. */
+        CK_ULONG want = len > cap ? len : cap;
+        if (want > MAX_OUT_LEN || (big = malloc(want)) == NULL) {
+            finish_active(b, session);
+            set_error(r, want > MAX_OUT_LEN ? CKR_BUFFER_TOO_SMALL : CKR_HOST_MEMORY);
+            return;
+        }
+        buf = big;
+        cap = want;
+        len = want;
+        rv = b->oneshot(session, (CK_BYTE_PTR)in, in_len, buf, &len);
+        if (rv == CKR_BUFFER_TOO_SMALL) {
+            free(big);
+            finish_active(b, session);
+            set_error(r, rv);
+            return;
+        }
+    }
+    /* Any other failure has terminated the operation (PKCS#11 v2.40 5.2). */
+    if (rv != CKR_OK) {
+        free(big);
+        set_error(r, rv);
+        return;
+    }
+    if (len > cap) { /* a module that wrote past our buffer would be broken */
+        free(big);
+        set_error(r, CKR_GENERAL_ERROR);
+        return;
+    }
+    if (big != NULL) {
+        r->out = big;
+    } else {
+        r->out = malloc(len ? len : 1);
+        if (r->out == NULL) {
+            set_error(r, CKR_HOST_MEMORY);
+            return;
+        }
+        memcpy(r->out, buf, len);
+    }
+    r->len = len;
+    r->state = ITEM_OK;
+}
+
+static void *
+worker_main(void *arg)
+{
+    worker_t *w = (worker_t *)arg;
+    batch_t *b = w->b;
+
+    /* Each worker gets its own copy of the mechanism and its parameters. */
+    CK_RSA_PKCS_PSS_PARAMS pss = b->pss;
+    CK_RSA_PKCS_OAEP_PARAMS oaep = b->oaep;
+    CK_MECHANISM mech;
+    mech.mechanism = b->mechanism;
+    switch (b->pkind) {
+    case PARAM_PSS:
+        mech.pParameter = &pss;
+        mech.ulParameterLen = sizeof(pss);
+        break;
+    case PARAM_OAEP:
+        mech.pParameter = &oaep;
+        mech.ulParameterLen = sizeof(oaep);
+        break;
+    default:
+        mech.pParameter = NULL;
+        mech.ulParameterLen = 0;
+        break;
+    }
+
+    unsigned char *scratch = malloc(b->out_len);
+    for (;;) {
+        if (b->stop_on_error && atomic_load_explicit(&b->stop, memory_order_relaxed))
+            break;
+        size_t i = atomic_fetch_add_explicit(&b->next, 1, memory_order_relaxed);
+        if (i >= b->n)
+            break;
+        item_result *r = &b->results[i];
+        if (scratch == NULL)
+            set_error(r, CKR_HOST_MEMORY);
+        else
+            run_one(b, w->session, &mech, b->arena + b->offsets[i],
+                    (CK_ULONG)(b->offsets[i + 1] - b->offsets[i]), scratch, r);
+        if (r->state == ITEM_ERROR && b->stop_on_error)
+            atomic_store_explicit(&b->stop, 1, memory_order_relaxed);
+    }
+    free(scratch);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* argument conversion                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* An int in 0..ULONG_MAX; TypeError for non-ints, ValueError when out of range. */
+static int
+to_ck_ulong(PyObject *o, const char *what, CK_ULONG *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be in 0..%lu, got %R", what, ULONG_MAX, o);
+        return -1;
+    }
+    *out = (CK_ULONG)v;
+    return 0;
+}
+
+static int
+parse_param(PyObject *param, batch_t *b)
+{
+    b->pkind = PARAM_NONE;
+    if (param == Py_None)
+        return 0;
+    if (!PyTuple_Check(param) || PyTuple_GET_SIZE(param) < 1 ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(param, 0))) {
+        PyErr_Format(PyExc_TypeError,
+                     "param must be None, ('pss', hashAlg, mgf, sLen) or "
+                     "('oaep', hashAlg, mgf), not %R",
+                     param);
+        return -1;
+    }
+    const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(param, 0));
+    if (kind == NULL)
+        return -1;
+    Py_ssize_t size = PyTuple_GET_SIZE(param);
+    if (strcmp(kind, "pss") == 0) {
+        if (size != 4) {
+            PyErr_Format(PyExc_ValueError,
+                         "PSS param must be ('pss', hashAlg, mgf, sLen), got %zd items", size);
+            return -1;
+        }
+        if (to_ck_ulong(PyTuple_GET_ITEM(param, 1), "PSS hashAlg", &b->pss.hashAlg) < 0 ||
+            to_ck_ulong(PyTuple_GET_ITEM(param, 2), "PSS mgf", &b->pss.mgf) < 0 ||
+            to_ck_ulong(PyTuple_GET_ITEM(param, 3), "PSS sLen", &b->pss.sLen) < 0)
+            return -1;
+        b->pkind = PARAM_PSS;
+        return 0;
+    }
+    if (strcmp(kind, "oaep") == 0) {
+        if (size != 3) {
+            PyErr_Format(PyExc_ValueError,
+                         "OAEP param must be ('oaep', hashAlg, mgf), got %zd items", size);
+            return -1;
+        }
+        if (to_ck_ulong(PyTuple_GET_ITEM(param, 1), "OAEP hashAlg", &b->oaep.hashAlg) < 0 ||
+            to_ck_ulong(PyTuple_GET_ITEM(param, 2), "OAEP mgf", &b->oaep.mgf) < 0)
+            return -1;
+        b->oaep.source = CKZ_DATA_SPECIFIED;
+        b->oaep.pSourceData = NULL; /* empty label */
+        b->oaep.ulSourceDataLen = 0;
+        b->pkind = PARAM_OAEP;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "unknown param kind %R; expected 'pss' or 'oaep'",
+                 PyTuple_GET_ITEM(param, 0));
+    return -1;
+}
+
+/* Copy every input into one arena; offsets[n] is the total length. */
+static int
+copy_inputs(PyObject *seq, size_t n, unsigned char **arena_out, size_t **offsets_out)
+{
+    size_t *offsets = PyMem_Malloc((n + 1) * sizeof(size_t));
+    unsigned char *arena = NULL;
+    size_t i, total = 0;
+    Py_buffer view;
+
+    if (offsets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i);
+        if (!PyObject_CheckBuffer(item) || PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "inputs[%zu] must be bytes-like, not %.100s", i,
+                         Py_TYPE(item)->tp_name);
+            goto fail;
+        }
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "inputs[%zu] must be a contiguous bytes-like object (%.100s)", i,
+                         Py_TYPE(item)->tp_name);
+            goto fail;
+        }
+        offsets[i] = total;
+        total += (size_t)view.len;
+        PyBuffer_Release(&view);
+    }
+    offsets[n] = total;
+
+    /* +1: never hand a module a NULL data pointer, even for empty inputs
+     * (SoftHSM2 answers CKR_ARGUMENTS_BAD to NULL without ending the op). */
+    arena = PyMem_Malloc(total + 1);
+    if (arena == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i);
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0)
+            goto fail;
+        if ((size_t)view.len != offsets[i + 1] - offsets[i]) {
+            PyBuffer_Release(&view);
+            PyErr_Format(PyExc_RuntimeError, "inputs[%zu] changed size while being copied", i);
+            goto fail;
+        }
+        if (view.len)
+            memcpy(arena + offsets[i], view.buf, (size_t)view.len);
+        PyBuffer_Release(&view);
+    }
+    *arena_out = arena;
+    *offsets_out = offsets;
+    return 0;
+
+fail:
+    PyMem_Free(arena);
+    PyMem_Free(offsets);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* run_batch                                                                 */
+/* ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(run_batch_doc,
+"run_batch(module_path, op, sessions, key_handle, mechanism, param, inputs, out_len,\n"
+"          stop_on_error=False) -> list[bytes | int | None]\n"
+"\n"
+"Sign (op=0: C_SignInit + C_Sign) or decrypt (op=1: C_DecryptInit + C_Decrypt)\n"
+"every input with one private key, one native thread per session, the GIL\n"
+"released once for the whole batch.\n"
+"\n"
+"module_path: path of a PKCS#11 module already loaded and initialised in this\n"
+"    process (by python-pkcs11); its handles are used as they are.\n"
+"sessions: distinct open session handles; len(sessions) is the parallelism.\n"
+"key_handle, mechanism: CK_OBJECT_HANDLE and CK_MECHANISM_TYPE.\n"
+"param: None, ('pss', hashAlg, mgf, sLen) or ('oaep', hashAlg, mgf) (empty label).\n"
+"inputs: bytes-like items (digest/DigestInfo to sign, ciphertext to decrypt).\n"
+"out_len: output buffer per item (modulus bytes for RSA, 2*field bytes for ECDSA).\n"
+"stop_on_error: once an item fails, take no new items.\n"
+"\n"
+"Returns a list in input order: bytes (the output), int (the CK_RV of a failed\n"
+"item) or None (not attempted because stop_on_error stopped the batch).");
+
+static PyObject *
+run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"module_path", "op",     "sessions", "key_handle",    "mechanism",
+                             "param",       "inputs", "out_len",  "stop_on_error", NULL};
+    PyObject *path_bytes = NULL;
+    int op;
+    PyObject *sessions_obj, *key_obj, *mech_obj, *param_obj, *inputs_obj;
+    Py_ssize_t out_len;
+    int stop_on_error = 0;
+
+    PyObject *sessions_seq = NULL, *inputs_seq = NULL, *result = NULL;
+    CK_SESSION_HANDLE *sessions = NULL;
+    worker_t *workers = NULL;
+    unsigned char *arena = NULL;
+    size_t *offsets = NULL;
+    item_result *results = NULL;
+    size_t n = 0, i;
+    Py_ssize_t nsessions, k, j;
+    batch_t *b = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|p:run_batch", kwlist,
+                                     PyUnicode_FSConverter, &path_bytes, &op, &sessions_obj,
+                                     &key_obj, &mech_obj, &param_obj, &inputs_obj, &out_len,
+                                     &stop_on_error))
+        return NULL;
+
+    b = PyMem_Calloc(1, sizeof(batch_t));
+    if (b == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    if (op != OP_SIGN && op != OP_DECRYPT) {
+        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+        goto done;
+    }
+    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
+        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
+                     out_len);
+        goto done;
+    }
+    b->out_len = (CK_ULONG)out_len;
+    b->stop_on_error = stop_on_error;
+
+    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
+        goto done;
+    if (b->key == CK_INVALID_HANDLE) {
+        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
+        goto done;
+    }
+    if (to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0)
+        goto done;
+    if (parse_param(param_obj, b) < 0)
+        goto done;
+
+    /* sessions */
+    if (!PyList_Check(sessions_obj) && !PyTuple_Check(sessions_obj)) {
+        PyErr_Format(PyExc_TypeError, "sessions must be a list of session handles, not %.100s",
+                     Py_TYPE(sessions_obj)->tp_name);
+        goto done;
+    }
+    sessions_seq = PySequence_Fast(sessions_obj, "sessions must be a list");
+    if (sessions_seq == NULL)
+        goto done;
+    nsessions = PySequence_Fast_GET_SIZE(sessions_seq);
+    if (nsessions < 1 || nsessions > MAX_SESSIONS) {
+        PyErr_Format(PyExc_ValueError, "sessions must hold 1..%d session handles, got %zd",
+                     MAX_SESSIONS, nsessions);
+        goto done;
+    }
+    sessions = PyMem_Malloc((size_t)nsessions * sizeof(CK_SESSION_HANDLE));
+    if (sessions == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (k = 0; k < nsessions; k++) {
+        if (to_ck_ulong(PySequence_Fast_GET_ITEM(sessions_seq, k), "session handle",
+                        &sessions[k]) < 0)
+            goto done;
+        if (sessions[k] == CK_INVALID_HANDLE) {
+            PyErr_Format(PyExc_ValueError, "sessions[%zd] is 0 (CK_INVALID_HANDLE)", k);
+            goto done;
+        }
+        for (j = 0; j < k; j++) {
+            if (sessions[j] == sessions[k]) {
+                PyErr_Format(PyExc_ValueError,
+                             "session handle %lu appears twice in sessions; each worker "
+                             "thread needs a session of its own",
+                             (unsigned long)sessions[k]);
+                goto done;
+            }
+        }
+    }
+
+    /* inputs */
+    if (!PyList_Check(inputs_obj) && !PyTuple_Check(inputs_obj)) {
+        PyErr_Format(PyExc_TypeError, "inputs must be a list of bytes, not %.100s",
+                     Py_TYPE(inputs_obj)->tp_name);
+        goto done;
+    }
+    inputs_seq = PySequence_Fast(inputs_obj, "inputs must be a list");
+    if (inputs_seq == NULL)
+        goto done;
+    n = (size_t)PySequence_Fast_GET_SIZE(inputs_seq);
+    if (copy_inputs(inputs_seq, n, &arena, &offsets) < 0)
+        goto done;
+
+    /* the module (after the cheap checks, so argument errors come first) */
+    const char *path = PyBytes_AS_STRING(path_bytes);
+    CK_FUNCTION_LIST_PTR fl = get_function_list(path);
+    if (fl == NULL)
+        goto done;
+    if (op == OP_SIGN) {
+        b->init = fl->C_SignInit;
+        b->oneshot = fl->C_Sign;
+    } else {
+        b->init = fl->C_DecryptInit;
+        b->oneshot = fl->C_Decrypt;
+    }
+    if (b->init == NULL || b->oneshot == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "PKCS#11 module %s has no %s", path,
+                     op == OP_SIGN ? "C_SignInit/C_Sign" : "C_DecryptInit/C_Decrypt");
+        goto done;
+    }
+
+    result = PyList_New((Py_ssize_t)n);
+    if (result == NULL || n == 0)
+        goto done;
+
+    results = PyMem_Calloc(n, sizeof(item_result));
+    size_t nthreads = (size_t)nsessions < n ? (size_t)nsessions : n;
+    workers = PyMem_Calloc(nthreads, sizeof(worker_t));
+    if (results == NULL || workers == NULL) {
+        Py_CLEAR(result);
+        PyErr_NoMemory();
+        goto done;
+    }
+    b->arena = arena;
+    b->offsets = offsets;
+    b->n = n;
+    b->results = results;
+    atomic_init(&b->next, 0);
+    atomic_init(&b->stop, 0);
+    for (i = 0; i < nthreads; i++) {
+        workers[i].b = b;
+        workers[i].session = sessions[i];
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads > 1) {
+        /* Workers block asynchronous signals (SIGINT, ...) so that they are
+         * delivered to Python's thread; faults stay deliverable. */
+        sigset_t all, old;
+        sigfillset(&all);
+        sigdelset(&all, SIGSEGV);
+        sigdelset(&all, SIGBUS);
+        sigdelset(&all, SIGFPE);
+        sigdelset(&all, SIGILL);
+        sigdelset(&all, SIGABRT);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        for (i = 1; i < nthreads; i++) {
+            /* A thread that cannot be created leaves its session unused. */
+            workers[i].started =
+                pthread_create(&workers[i].tid, NULL, worker_main, &workers[i]) == 0;
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    worker_main(&workers[0]); /* the calling thread works too */
+    for (i = 1; i < nthreads; i++) {
+        if (workers[i].started)
+            pthread_join(workers[i].tid, NULL);
+    }
+    Py_END_ALLOW_THREADS
+
+    for (i = 0; i < n; i++) {
+        item_result *r = &results[i];
+        PyObject *v;
+        if (r->state == ITEM_OK) {
+            v = PyBytes_FromStringAndSize((const char *)r->out, (Py_ssize_t)r->len);
+        } else if (r->state == ITEM_ERROR) {
+            v = PyLong_FromUnsignedLong((unsigned long)r->rv);
+        } else {
+            v = Py_NewRef(Py_None);
+        }
+        if (v == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, (Py_ssize_t)i, v);
+    }
+
+done:
+    if (results != NULL) {
+        for (i = 0; i < n; i++)
+            free(results[i].out);
+        PyMem_Free(results);
+    }
+    PyMem_Free(workers);
+    PyMem_Free(arena);
+    PyMem_Free(offsets);
+    PyMem_Free(sessions);
+    PyMem_Free(b);
+    Py_XDECREF(inputs_seq);
+    Py_XDECREF(sessions_seq);
+    Py_XDECREF(path_bytes);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
+/* module                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static PyMethodDef native_methods[] = {
+    {"run_batch", (PyCFunction)(void (*)(void))run_batch, METH_VARARGS | METH_KEYWORDS,
+     run_batch_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(module_doc,
+"Native batch engine: PKCS#11 sign/decrypt over a set of sessions with the GIL\n"
+"released once per batch.  See native/README.md.");
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "hsmbridge._native", module_doc, -1, native_methods,
+    NULL,                  NULL,                NULL,       NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "OP_SIGN", OP_SIGN) < 0 ||
+        PyModule_AddIntConstant(m, "OP_DECRYPT", OP_DECRYPT) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SESSIONS", MAX_SESSIONS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_OUT_LEN", (long)MAX_OUT_LEN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
