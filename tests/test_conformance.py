@@ -109,7 +109,9 @@ def named_mechanisms(message: str, among: tuple[Mechanism, ...]) -> list[Mechani
     return [m for m in among if re.search(rf"(?<![\w-]){re.escape(m.value)}(?![\w-])", message)]
 
 
-def assert_offers_working_alternative(key: Key, exc: MechanismNotSupported, mech: Mechanism) -> None:
+def assert_offers_working_alternative(
+    key: Key, exc: MechanismNotSupported, mech: Mechanism
+) -> None:
     """An unsupported mechanism must be refused naming one that does work."""
     offered = [m for m in named_mechanisms(exc.message, DECRYPT_MECHANISMS) if m is not mech]
     assert offered, f"message names no alternative: {exc.message!r}"
@@ -148,7 +150,9 @@ def test_signature_verifies_with_cryptography_and_openssl(
     if isinstance(public, rsa.RSAPublicKey):
         assert len(signature) == public.key_size // 8
     assert crypto_verify(public, signature, data, mech, prehashed=prehashed)
-    assert OpenSSL(key.public_key_pem(), tmp_path).verify(signature, data, mech, prehashed=prehashed)
+    assert OpenSSL(key.public_key_pem(), tmp_path).verify(
+        signature, data, mech, prehashed=prehashed
+    )
     # the same signature does not cover other data: the checks above can fail
     other = digest(mech, message + b"!") if prehashed else message + b"!"
     assert not crypto_verify(public, signature, other, mech, prehashed=prehashed)
@@ -381,9 +385,9 @@ def test_pem_is_64_columns_and_parses(keyring: Keyring, name: str, tmp_path: Pat
 def independent_thumbprint(jwk: dict[str, str]) -> str:
     """RFC 7638 section 3, written out by hand: required members, lexicographic order."""
     if jwk["kty"] == "RSA":
-        text = '{"e":"%s","kty":"RSA","n":"%s"}' % (jwk["e"], jwk["n"])
+        text = f'{{"e":"{jwk["e"]}","kty":"RSA","n":"{jwk["n"]}"}}'
     else:
-        text = '{"crv":"%s","kty":"EC","x":"%s","y":"%s"}' % (jwk["crv"], jwk["x"], jwk["y"])
+        text = f'{{"crv":"{jwk["crv"]}","kty":"EC","x":"{jwk["x"]}","y":"{jwk["y"]}"}}'
     return b64url(hashlib.sha256(text.encode("ascii")).digest())
 
 
@@ -630,7 +634,6 @@ def test_stream_cancellation_leaves_key_usable(keyring: Keyring) -> None:
             assert plaintext == plaintexts[i]
             if i == 6:
                 raise RuntimeError("consumer failed")
-    stream.close()
     assert threading.active_count() <= threads_before
 
     signature = key.sign(b"still works", mech)
