@@ -204,13 +204,22 @@ class Pkcs11HSM(HSM):
         return KeyInfo(label, bytes(_attr(priv, Attribute.ID, b"")).hex(), spec, frozenset(usage))
 
     def _public_object(self, priv: Any) -> Any:
-        """The public key object paired with ``priv`` (same CKA_ID), or priv itself."""
+        """The public key paired with ``priv`` (same CKA_ID and key type; if other
+        applications reused the id, the one with the same label), or priv itself."""
         key_id = _attr(priv, Attribute.ID, None)
         if key_id:
-            for pub in priv.session.get_objects(
-                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
-            ):
-                return pub
+            template = {
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.ID: key_id,
+                Attribute.KEY_TYPE: priv.key_type,
+            }
+            found = list(priv.session.get_objects(template))
+            label = _attr(priv, Attribute.LABEL, None)
+            for pub in found:
+                if _attr(pub, Attribute.LABEL, None) == label:
+                    return pub
+            if found:
+                return found[0]
         return priv  # RSA private keys carry modulus and exponent; EC ones may carry EC_PARAMS
 
     # -- mechanisms ---------------------------------------------------------------
