@@ -88,7 +88,7 @@ def made_keys(pkcs11_hsm: HSM) -> Iterator[list[str]]:
             matches = [i for i in pkcs11_hsm.list_keys() if i.label == label]
             if not matches:
                 break
-            pkcs11_hsm.get_key(key_id=matches[0].id).delete()
+            pkcs11_hsm.get_key(label, key_id=matches[0].id).delete()
 
 
 @pytest.mark.parametrize("spec", [RSA(2048), EC("P-384")], ids=str)
@@ -298,3 +298,20 @@ def test_second_handle_on_same_token(
         assert unique_label in {i.label for i in pkcs11_hsm.list_keys()}
     finally:
         key.delete()
+
+
+def test_foreign_keys_sharing_an_id(
+    pkcs11_hsm: HSM, softhsm_token: SoftToken, unique_label: str, made_keys: list[str]
+) -> None:
+    """Other applications may reuse a CKA_ID; each key must still pair with its own public half."""
+    key_id = uuid.uuid4().hex[:8]
+    labels = [f"{unique_label}-{n}" for n in ("rsa", "ec1", "ec2")]
+    made_keys.extend(labels)
+    keypairgen(softhsm_token, "rsa:1024", labels[0], key_id)
+    keypairgen(softhsm_token, "EC:secp256r1", labels[1], key_id)
+    keypairgen(softhsm_token, "EC:secp384r1", labels[2], key_id)
+    listed = {i.label: i.spec for i in pkcs11_hsm.list_keys() if i.label in labels}
+    assert listed == dict(zip(labels, [RSA(1024), EC("P-256"), EC("P-384")], strict=True))
+    verify_sign(pkcs11_hsm.get_key(labels[0]), Mechanism.RSA_PKCS1_SHA256)
+    verify_sign(pkcs11_hsm.get_key(labels[1]), Mechanism.ECDSA_SHA256)
+    verify_sign(pkcs11_hsm.get_key(labels[2]), Mechanism.ECDSA_SHA384)
