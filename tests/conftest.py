@@ -35,3 +35,6 @@ def hsm(request: pytest.FixtureRequest) -> hsmbridge.HSM:
         return request.getfixturevalue("nethsm_hsm")  # type: ignore[no-any-return]
     except pytest.FixtureLookupError:
         pytest.skip("the NetHSM backend fixture (nethsm_hsm) is not available")
+
+
+from nethsm_fixtures import nethsm_hsm  # noqa: E402, F401

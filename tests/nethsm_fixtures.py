@@ -14,15 +14,27 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+import hsmbridge
+from hsmbridge import HSM
+from hsmbridge.nethsm import NetHSM
+
+if TYPE_CHECKING:
+    from server_fixtures import BridgeServer
 
 
 def make_certificate(directory: Path, name: str = "loopback") -> tuple[Path, Path, str]:
@@ -140,3 +152,76 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# -- the bridge server and NetHSM handles on it ---------------------------------------------
+
+
+def start_bridge(hsm: HSM, directory: Path) -> BridgeServer:
+    """A provisioned ``hsmbridge serve`` (in a thread) over ``hsm``, with admin and operator."""
+    from server_fixtures import (
+        ADMIN_PASSPHRASE,
+        UNLOCK_PASSPHRASE,
+        BridgeServer,
+        Credentials,
+        provision,
+    )
+
+    from hsmbridge.server.run import start_in_thread
+
+    server = start_in_thread(hsm, directory)
+    bridge = BridgeServer(
+        server=server,
+        hsm=hsm,
+        state_dir=directory,
+        admin=Credentials("admin", ADMIN_PASSPHRASE),
+        operator=Credentials("operator", "operator-passphrase-0"),
+        metrics=Credentials("metrics", "metrics-passphrase-0"),
+        unlock_passphrase=UNLOCK_PASSPHRASE,
+    )
+    try:
+        provision(bridge)
+    except BaseException:
+        server.stop()
+        raise
+    return bridge
+
+
+def open_nethsm(bridge: BridgeServer, user: str = "admin", **options: Any) -> NetHSM:
+    """A handle on ``bridge`` pinned to its certificate, logged in as ``user``.
+
+    As ``admin`` it also carries the operator's credential (so it can generate
+    and sign); as ``operator`` it is a plain operator handle.
+    """
+    who = bridge.admin if user == "admin" else bridge.operator
+    if user == "admin":
+        options.setdefault("operator", bridge.operator.auth)
+    options.setdefault("fingerprint", bridge.fingerprint)
+    hsm = hsmbridge.open(
+        f"nethsm://{who.user}@{bridge.hostport}", password=who.passphrase, **options
+    )
+    assert isinstance(hsm, NetHSM)
+    return hsm
+
+
+@pytest.fixture(scope="session")
+def nethsm_hsm(request: pytest.FixtureRequest, pkcs11_hsm: HSM) -> Iterator[NetHSM]:
+    """A NetHSM handle that can generate, list, sign, decrypt and delete.
+
+    It talks to the session's ``bridge_server`` when that fixture is
+    registered, else to a bridge of its own over the same SoftHSM2 token.
+    """
+    own: BridgeServer | None = None
+    try:
+        bridge: BridgeServer = request.getfixturevalue("bridge_server")
+    except pytest.FixtureLookupError:
+        directory = Path(tempfile.mkdtemp(prefix="hsmbridge-nethsm-"))
+        own = bridge = start_bridge(pkcs11_hsm, directory)
+    hsm = open_nethsm(bridge)
+    try:
+        yield hsm
+    finally:
+        hsm.close()
+        if own is not None:
+            own.stop()
+            shutil.rmtree(own.state_dir, ignore_errors=True)
