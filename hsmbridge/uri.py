@@ -8,6 +8,7 @@ argument to :func:`hsmbridge.open`; it is kept out of every repr.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
@@ -182,7 +183,9 @@ def parse_nethsm_uri(uri: str) -> NetHSMURI:
 
 
 def _redact(uri: str) -> str:
-    """The URI with any pin-value removed, for messages."""
-    head, _, query = uri.partition("?")
-    kept = [p for p in query.split("&") if p and not p.startswith("pin-value=")]
-    return head + ("?" + "&".join(kept) if kept else "")
+    """The URI with any pin-value (or password) masked, for messages.
+
+    Wherever it stands: a mistyped URI ('PKCS11:...&pin-value=', or the PIN in
+    the path) has no query part to strip, yet still carries the PIN.
+    """
+    return re.sub(r"(?i)([;?&:](?:pin-value|password)=)[^;?&#]*", r"\1***", uri)
