@@ -33,9 +33,17 @@ def run_batch(
     and raises :class:`BatchItemError` with the item's index.
     """
     n = len(items)
-    results: list[Any] = [None] * n
     if n == 0:
-        return results
+        return []
+    if n == 1:  # the single-operation path: no threads, events or locks
+        with make_worker() as operate:
+            try:
+                return [operate(items[0])]
+            except HSMError as exc:
+                if return_exceptions:
+                    return [exc]
+                raise BatchItemError(0, exc) from None
+    results: list[Any] = [None] * n
     counter = itertools.count()
     stop = threading.Event()
     first_error: list[BatchItemError] = []

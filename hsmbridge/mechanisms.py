@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from asn1crypto.algos import DSASignature
@@ -109,31 +110,64 @@ def check_key_type(mech: Mechanism, key_type: str, key_name: str) -> None:
         )
 
 
+def signing_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], bytes]:
+    """A function turning a message (or digest) into what the HSM signs.
+
+    Everything that depends only on the mechanism is decided once here, not
+    per message: batches call the returned function for every item.
+    """
+    hash_name = mech.hash_name
+    assert hash_name is not None
+    size = mech.digest_size
+    prefix = _DIGEST_INFO_PREFIX[hash_name] if mech.family == "pkcs1" else b""
+    hasher = getattr(hashlib, hash_name)
+
+    def check(data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"data to sign must be bytes, not {type(data).__name__}")
+
+    if prehashed:
+
+        def prepare_digest(data: bytes) -> bytes:
+            check(data)
+            if len(data) != size:
+                raise InvalidInput(
+                    f"{mech.value} with prehashed=True needs a {size}-byte "
+                    f"{hash_name.upper()} digest, got {len(data)} bytes"
+                )
+            return prefix + bytes(data)
+
+        return prepare_digest
+
+    def prepare_message(data: bytes) -> bytes:
+        if type(data) is not bytes:
+            check(data)
+        return prefix + hasher(data).digest()  # type: ignore[no-any-return]
+
+    return prepare_message
+
+
 def signing_input(mech: Mechanism, data: bytes, *, prehashed: bool) -> bytes:
     """What the HSM signs: the digest, DigestInfo-prefixed for PKCS#1 v1.5."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidInput(f"data to sign must be bytes, not {type(data).__name__}")
-    assert mech.hash_name is not None
-    if prehashed:
-        digest = bytes(data)
-        if len(digest) != mech.digest_size:
-            raise InvalidInput(
-                f"{mech.value} with prehashed=True needs a {mech.digest_size}-byte "
-                f"{mech.hash_name.upper()} digest, got {len(digest)} bytes"
-            )
-    else:
-        digest = hashlib.new(mech.hash_name, data).digest()
-    if mech.family == "pkcs1":
-        return _DIGEST_INFO_PREFIX[mech.hash_name] + digest
-    return digest
+    return signing_preparer(mech, prehashed=prehashed)(data)
 
 
 def ecdsa_raw_to_der(raw: bytes) -> bytes:
-    """r‖s (PKCS#11, JWS) to the DER SEQUENCE X.509 and OpenSSL expect."""
+    """r‖s (PKCS#11, JWS) to the DER SEQUENCE X.509 and OpenSSL expect.
+
+    Encoded by hand in one function: it runs once per signature on the hot
+    path, where a general ASN.1 library costs more than the HSM call.
+    """
     half = len(raw) // 2
-    r = int.from_bytes(raw[:half], "big")
-    s = int.from_bytes(raw[half:], "big")
-    return bytes(DSASignature({"r": r, "s": s}).dump())
+    r = raw[:half].lstrip(b"\x00")
+    s = raw[half:].lstrip(b"\x00")
+    if not r or r[0] & 0x80:
+        r = b"\x00" + r
+    if not s or s[0] & 0x80:
+        s = b"\x00" + s
+    body = b"\x02" + bytes((len(r),)) + r + b"\x02" + bytes((len(s),)) + s
+    n = len(body)  # < 256 even for P-521
+    return (b"\x30" + bytes((n,)) if n < 0x80 else b"\x30\x81" + bytes((n,))) + body
 
 
 def ecdsa_der_to_raw(der: bytes, field_bytes: int) -> bytes:

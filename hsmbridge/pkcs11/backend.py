@@ -96,7 +96,7 @@ class Pkcs11HSM(HSM):
                 "native=True but the native engine hsmbridge._native is not built; "
                 "reinstall hsmbridge with a C compiler available"
             )
-        self._mechanisms: set[Any] | None = None
+        self._supported: list[Mechanism] | None = None
         self._rejected: set[Mechanism] = set()
 
     # -- key management ---------------------------------------------------------
@@ -226,20 +226,21 @@ class Pkcs11HSM(HSM):
 
     def supported_mechanisms(self) -> list[Mechanism]:
         """hsmbridge mechanisms the token lists (minus parameters it has refused)."""
-        if self._mechanisms is None:
+        if self._supported is None:
             try:
-                self._mechanisms = set(self.token.slot.get_mechanisms())
+                listed = set(self.token.slot.get_mechanisms())
             except Exception as exc:
                 raise translate(exc, what="listing mechanisms") from None
-        out = []
-        for mech in (*SIGN_MECHANISMS, *DECRYPT_MECHANISMS):
-            ckm = ec.mechanism()[0] if mech.key_type == "ec" else rsa.mechanism(mech)[0]
-            if ckm in self._mechanisms and mech not in self._rejected:
-                out.append(mech)
-        return out
+            self._supported = [
+                mech
+                for mech in (*SIGN_MECHANISMS, *DECRYPT_MECHANISMS)
+                if (ec.mechanism()[0] if mech.key_type == "ec" else rsa.mechanism(mech)[0])
+                in listed
+            ]
+        return [m for m in self._supported if m not in self._rejected]
 
     def check_mechanism(self, mech: Mechanism) -> None:
-        if mech not in self.supported_mechanisms():
+        if mech in self._rejected or mech not in self.supported_mechanisms():
             raise self.unsupported(mech)
 
     def unsupported(self, mech: Mechanism) -> MechanismNotSupported:
