@@ -334,15 +334,23 @@ class Key(abc.ABC):
         return_exceptions: bool,
     ) -> list[Any]:
         mech = self._check(mechanism, sign=False)
+        limit = (self.spec.size + 7) // 8  # an RSA ciphertext is at most the modulus size
         items: list[bytes | HSMError] = []
         for ct in ciphertexts:
+            exc: HSMError | None = None
             if not isinstance(ct, (bytes, bytearray, memoryview)):
                 exc = InvalidInput(f"ciphertext must be bytes, not {type(ct).__name__}")
-                if not return_exceptions:
-                    raise _single_or_batch(exc, len(items))
-                items.append(exc)
-            else:
+            elif len(bytes(ct)) > limit:
+                exc = InvalidInput(
+                    f"the ciphertext is {len(bytes(ct))} bytes but key {self.label!r} "
+                    f"({self.spec}) takes {limit}-byte ciphertexts; was it made for another key?"
+                )
+            if exc is None:
                 items.append(bytes(ct))
+            elif not return_exceptions:
+                raise _single_or_batch(exc, len(items))
+            else:
+                items.append(exc)
         return self._run_with_input_errors("decrypt", mech, items, threads, return_exceptions)
 
     def _run_with_input_errors(
@@ -379,9 +387,9 @@ class Key(abc.ABC):
         """Sign many messages in parallel; results in input order.
 
         By default the first failing item raises :class:`BatchItemError` with
-        its ``index`` (a one-item batch raises the item's own error). With
-        ``return_exceptions=True`` failed items hold their :class:`HSMError`
-        and the rest still complete.
+        its ``index`` (even in a one-item batch; :meth:`sign` raises the item's
+        own error). With ``return_exceptions=True`` failed items hold their
+        :class:`HSMError` and the rest still complete.
         """
         return self._sign_batch(
             messages, mechanism, prehashed, signature_format, threads, return_exceptions
