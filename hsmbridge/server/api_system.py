@@ -1,0 +1,161 @@
+"""System endpoints: info, health, provision, lock/unlock, random, metrics, config."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from .auth import check_passphrase_strength, hash_passphrase, verify_passphrase
+from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
+from .errors import ApiError, bad_request
+from .keys import b64
+from .state import Store
+from .tls import public_key_pem
+
+
+def info(b: Bridge, req: Req) -> Response:
+    return JSONResponse({"vendor": "hsmbridge", "product": "NetHSM"})
+
+
+def health_alive(b: Bridge, req: Req) -> Response:
+    b.require_state(LOCKED, UNPROVISIONED)
+    return Response(status_code=200)
+
+
+def health_ready(b: Bridge, req: Req) -> Response:
+    b.require_state(OPERATIONAL)
+    return Response(status_code=200)
+
+
+def health_state(b: Bridge, req: Req) -> Response:
+    return JSONResponse({"state": b.state})
+
+
+def _check_time(value: object) -> None:
+    if not isinstance(value, str):
+        raise bad_request("systemTime must be an RFC 3339 date-time string")
+    try:
+        datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"systemTime {value[:40]!r} is not an RFC 3339 date-time") from None
+
+
+def provision(b: Bridge, req: Req) -> Response:
+    body = req.json_object({"unlockPassphrase", "adminPassphrase", "systemTime"})
+    unlock = check_passphrase_strength(body["unlockPassphrase"], "unlockPassphrase")
+    admin = check_passphrase_strength(body["adminPassphrase"], "adminPassphrase")
+    _check_time(body["systemTime"])
+    admin_user = b.new_user("admin", "admin", "Administrator", admin)
+    unlock_hash = hash_passphrase(unlock)
+    with b._state_lock:
+        b.require_state(UNPROVISIONED)
+        with b.store.transaction() as tx:
+            Store.put_user(tx, admin_user)
+            Store.set_setting(tx, "unlock_hash", unlock_hash)
+            Store.set_setting(tx, "provisioned", "1")
+        b._state = OPERATIONAL
+    return Response(status_code=204)
+
+
+def unlock(b: Bridge, req: Req) -> Response:
+    body = req.json_object({"passphrase"})
+    passphrase = body["passphrase"]
+    if not isinstance(passphrase, str):
+        raise bad_request("passphrase must be a string")
+    b.creds.check_rate(req.client, "<unlock>")
+    stored = b.store.get_setting("unlock_hash") or ""
+    if not verify_passphrase(stored, passphrase):
+        b.creds.record_failure(req.client, "<unlock>")
+        raise ApiError(403, "unlock failed: wrong unlock passphrase")
+    b.set_state(LOCKED, OPERATIONAL)
+    return Response(status_code=204)
+
+
+def lock(b: Bridge, req: Req) -> Response:
+    b.set_state(OPERATIONAL, LOCKED)
+    return Response(status_code=204)
+
+
+def random(b: Bridge, req: Req) -> Response:
+    body = req.json_object({"length"})
+    length = body["length"]
+    if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 1024:
+        raise bad_request("length must be an integer between 1 and 1024")
+    return JSONResponse({"random": b64(os.urandom(length))})
+
+
+def metrics(b: Bridge, req: Req) -> Response:
+    return JSONResponse(
+        {
+            "keyOperations": b.store.total_operations(),
+            "keys": len(b.store.list_keys()),
+            "users": len(b.store.list_users()),
+            "uptimeSeconds": int(time.time() - b.started),
+        }
+    )
+
+
+def system_info(b: Bridge, req: Req) -> Response:
+    return JSONResponse(
+        {
+            "softwareVersion": __version__,
+            "softwareBuild": "hsmbridge",
+            "firmwareVersion": platform.python_version(),
+            "hardwareVersion": b.hsm.description,
+            "deviceId": "hsmbridge",
+            "akPub": {},
+            "pcr": {},
+        }
+    )
+
+
+def set_unlock_passphrase(b: Bridge, req: Req) -> Response:
+    body = req.json_object({"newPassphrase", "currentPassphrase"})
+    new = check_passphrase_strength(body["newPassphrase"], "newPassphrase")
+    current = body["currentPassphrase"]
+    if not isinstance(current, str) or not verify_passphrase(
+        b.store.get_setting("unlock_hash") or "", current
+    ):
+        raise bad_request("currentPassphrase is not the current unlock passphrase")
+    new_hash = hash_passphrase(new)
+    with b.store.transaction() as tx:
+        Store.set_setting(tx, "unlock_hash", new_hash)
+    return Response(status_code=204)
+
+
+def get_unattended_boot(b: Bridge, req: Req) -> Response:
+    return JSONResponse({"status": b.store.get_setting("unattended_boot") or "off"})
+
+
+def set_unattended_boot(b: Bridge, req: Req) -> Response:
+    status = req.json_object({"status"})["status"]
+    if status not in ("on", "off"):
+        raise bad_request("status must be 'on' or 'off'")
+    with b.store.transaction() as tx:
+        Store.set_setting(tx, "unattended_boot", status)
+    return Response(status_code=204)
+
+
+def _tls_cert(b: Bridge) -> Any:
+    if b.tls_cert is None:
+        raise ApiError(404, "this server was started without TLS")
+    return b.tls_cert
+
+
+def tls_public_pem(b: Bridge, req: Req) -> Response:
+    return Response(public_key_pem(_tls_cert(b)), media_type="application/x-pem-file")
+
+
+def tls_cert_pem(b: Bridge, req: Req) -> Response:
+    return Response(_tls_cert(b).read_bytes(), media_type="application/x-pem-file")
+
+
+def get_time(b: Bridge, req: Req) -> Response:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    return JSONResponse({"time": now.isoformat().replace("+00:00", "Z")})

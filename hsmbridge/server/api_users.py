@@ -1,0 +1,128 @@
+"""User endpoints: list, create, get, delete, passphrase, operator tags."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from .auth import check_passphrase_strength, hash_passphrase
+from .bridge import ROLES, Bridge, Req, check_id, check_user_id
+from .errors import ApiError, bad_request, not_found
+from .state import Store, UserRecord
+
+_USER_FIELDS = {"realName", "role", "passphrase"}
+
+
+def _user_or_404(b: Bridge, user_id: str) -> UserRecord:
+    user = b.store.get_user(check_user_id(user_id))
+    if user is None:
+        raise not_found(f"user {user_id}")
+    return user
+
+
+def _self_or_admin(req: Req, user_id: str) -> None:
+    """Operators may only look at (and change) themselves."""
+    assert req.user is not None
+    if req.user.role != "Administrator" and req.user.id != user_id:
+        raise ApiError(403, "access denied: operators may only access their own user")
+
+
+def _user_body(req: Req) -> dict[str, Any]:
+    body = req.json_object(_USER_FIELDS)
+    if not isinstance(body["realName"], str):
+        raise bad_request("realName must be a string")
+    if body["role"] not in ROLES:
+        raise bad_request(f"role must be one of {', '.join(ROLES)}")
+    check_passphrase_strength(body["passphrase"])
+    return body
+
+
+def _create(b: Bridge, req: Req, user_id: str) -> None:
+    body = _user_body(req)
+    user = b.new_user(user_id, body["realName"], body["role"], body["passphrase"])
+    with b.store.transaction() as tx:
+        if tx.execute("SELECT 1 FROM users WHERE id=?", (user_id,)).fetchone():
+            raise ApiError(409, f"a user with the ID {user_id} already exists")
+        Store.put_user(tx, user)
+
+
+def list_users(b: Bridge, req: Req) -> Response:
+    return JSONResponse([{"user": u} for u in b.store.list_users()])
+
+
+def post_users(b: Bridge, req: Req) -> Response:
+    user_id = secrets.token_hex(10)
+    _create(b, req, user_id)
+    return JSONResponse(
+        {"id": user_id}, status_code=201, headers={"Location": f"{req.base_url}/users/{user_id}"}
+    )
+
+
+def get_user(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    _self_or_admin(req, user.id)
+    return JSONResponse({"realName": user.real_name, "role": user.role})
+
+
+def put_user(b: Bridge, req: Req) -> Response:
+    user_id = check_user_id(req.path["UserID"])
+    _create(b, req, user_id)
+    return Response(status_code=201, headers={"Location": f"{req.base_url}/users/{user_id}"})
+
+
+def post_user_in_namespace(b: Bridge, req: Req) -> Response:
+    raise bad_request("namespaced users (namespace~) are not implemented by hsmbridge serve")
+
+
+def delete_user(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    assert req.user is not None
+    if user.id == req.user.id:
+        raise bad_request("you cannot delete yourself; ask another administrator")
+    with b.store.transaction() as tx:
+        tx.execute("DELETE FROM users WHERE id=?", (user.id,))
+    return Response(status_code=204)
+
+
+def set_passphrase(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    _self_or_admin(req, user.id)
+    passphrase = check_passphrase_strength(req.json_object({"passphrase"})["passphrase"])
+    new_hash = hash_passphrase(passphrase)  # cached logins die with the old hash
+    with b.store.transaction() as tx:
+        tx.execute("UPDATE users SET pass_hash=? WHERE id=?", (new_hash, user.id))
+    return Response(status_code=204)
+
+
+def get_tags(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    _self_or_admin(req, user.id)
+    return JSONResponse(sorted(user.tags))
+
+
+def _set_tags(b: Bridge, user: UserRecord, tags: list[str]) -> None:
+    with b.store.transaction() as tx:
+        tx.execute("UPDATE users SET tags=? WHERE id=?", (json.dumps(sorted(tags)), user.id))
+
+
+def put_tag(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    tag = check_id(req.path["Tag"], "tag")
+    if user.role != "Operator":
+        raise bad_request(f"tags can only be given to Operator users; {user.id} is {user.role}")
+    if tag in user.tags:
+        return Response(status_code=304)
+    _set_tags(b, user, [*user.tags, tag])
+    return Response(status_code=204)
+
+
+def delete_tag(b: Bridge, req: Req) -> Response:
+    user = _user_or_404(b, req.path["UserID"])
+    tag = req.path["Tag"]
+    if tag not in user.tags:
+        raise not_found(f"tag {tag} of user {user.id}")
+    _set_tags(b, user, [t for t in user.tags if t != tag])
+    return Response(status_code=204)

@@ -1,0 +1,237 @@
+"""The bridge's core: system state, authentication, and key lookup over one HSM.
+
+Everything here is synchronous and thread-safe; the web layer runs it in a
+thread pool so blocking HSM and argon2 calls never stall the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..api import HSM, Key
+from ..errors import HSMError, KeyNotFound
+from .auth import CredentialCache, hash_passphrase, parse_basic, verify_passphrase
+from .errors import ApiError, bad_request, from_hsm_error, not_found
+from .state import KeyRecord, Store, UserRecord
+
+log = logging.getLogger("hsmbridge.server")
+
+ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+USER_ID_RE = re.compile(r"^([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+UNPROVISIONED, LOCKED, OPERATIONAL = "Unprovisioned", "Locked", "Operational"
+ROLES = ("Administrator", "Operator", "Metrics", "Backup")
+PUBLIC: tuple[str, ...] = ()
+
+
+@dataclass
+class Req:
+    """What a handler needs from an HTTP request (already read off the socket)."""
+
+    method: str
+    path: Mapping[str, str]
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes
+    client: str
+    base_url: str
+    form: dict[str, str | bytes] | None = None
+    user: UserRecord | None = None
+    _json: Any = field(default=None, repr=False)
+
+    def json_object(self, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        """The body as a JSON object with exactly the allowed properties (else 400)."""
+        try:
+            data = json.loads(self.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise bad_request("the request body must be a JSON object")
+        unknown = set(data) - required - optional
+        if unknown:
+            raise bad_request(f"unknown properties: {', '.join(sorted(unknown))}")
+        missing = required - set(data)
+        if missing:
+            raise bad_request(f"missing required properties: {', '.join(sorted(missing))}")
+        return data
+
+
+def check_id(value: str, what: str = "KeyID") -> str:
+    if not (1 <= len(value) <= 128) or not ID_RE.match(value):
+        raise bad_request(
+            f"{what} {value[:130]!r} is invalid: 1-128 characters of [a-zA-Z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_user_id(value: str) -> str:
+    if not (1 <= len(value) <= 128) or not USER_ID_RE.match(value):
+        raise bad_request(f"UserID {value[:130]!r} is invalid")
+    if "~" in value:
+        raise bad_request(
+            "namespaced users (namespace~user) are not implemented by hsmbridge serve"
+        )
+    return value
+
+
+class Bridge:
+    """NetHSM semantics over an :class:`hsmbridge.HSM` and a :class:`Store`."""
+
+    def __init__(self, hsm: HSM, state_dir: Path, tls_cert: Path | None = None) -> None:
+        self.hsm = hsm
+        self.state_dir = state_dir
+        self.tls_cert = tls_cert
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(state_dir / "hsmbridge-server.sqlite3")
+        self.creds = CredentialCache()
+        self.started = time.time()
+        self._state_lock = threading.Lock()
+        self._keys: dict[str, Key] = {}
+        self._keys_lock = threading.Lock()
+        self._dummy_hash = hash_passphrase("hsmbridge-no-such-user")
+        if self.store.get_setting("provisioned") != "1":
+            self._state = UNPROVISIONED
+        elif self.store.get_setting("unattended_boot") == "on":
+            self._state = OPERATIONAL
+        else:
+            self._state = LOCKED
+        self.reconcile()
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def require_state(self, *states: str) -> None:
+        if self._state not in states:
+            raise ApiError(
+                412,
+                f"precondition failed: the bridge is {self._state}, this needs "
+                + " or ".join(states),
+            )
+
+    def set_state(self, expected: str, new: str) -> None:
+        with self._state_lock:
+            self.require_state(expected)
+            self._state = new
+
+    # -- authentication ----------------------------------------------------------
+
+    def authenticate(self, req: Req, roles: tuple[str, ...]) -> UserRecord:
+        """The caller (401/429 if unknown or throttled), checked against ``roles`` (403)."""
+        creds = parse_basic(req.headers.get("authorization"))
+        if creds is None:
+            raise ApiError(
+                401,
+                "authentication required: send HTTP Basic credentials",
+                {"WWW-Authenticate": 'Basic realm="NetHSM"'},
+            )
+        user_id, passphrase = creds
+        self.creds.check_rate(req.client, user_id)
+        user = self.store.get_user(user_id)
+        ok = user is not None and self.creds.known(user_id, passphrase, user.pass_hash)
+        if not ok:
+            ok = verify_passphrase(user.pass_hash if user else self._dummy_hash, passphrase)
+            ok = ok and user is not None
+            if ok and user is not None:
+                self.creds.remember(user_id, passphrase, user.pass_hash)
+        if not ok or user is None:
+            self.creds.record_failure(req.client, user_id)
+            raise ApiError(
+                401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}
+            )
+        if user.role not in roles:
+            raise ApiError(
+                403, f"access denied: this needs the role {' or '.join(roles)}, not {user.role}"
+            )
+        return user
+
+    # -- keys ------------------------------------------------------------------------
+
+    def key_record(self, key_id: str) -> KeyRecord:
+        check_id(key_id)
+        rec = self.store.get_key(key_id)
+        if rec is None:
+            raise not_found(f"key {key_id}")
+        return rec
+
+    def backend_key(self, rec: KeyRecord) -> Key:
+        """The hsmbridge key behind a record (looked up once, then cached)."""
+        with self._keys_lock:
+            key = self._keys.get(rec.backend_id)
+        if key is None:
+            try:
+                key = self.hsm.get_key(key_id=rec.backend_id)
+            except KeyNotFound:
+                raise ApiError(
+                    404,
+                    f"key {rec.id} is registered but its backend key is gone from "
+                    f"{self.hsm.description}; delete it and generate a new one",
+                ) from None
+            except HSMError as exc:
+                raise from_hsm_error(exc) from None
+            with self._keys_lock:
+                self._keys[rec.backend_id] = key
+        return key
+
+    def forget_key(self, backend_id: str) -> None:
+        with self._keys_lock:
+            self._keys.pop(backend_id, None)
+
+    def check_tags(self, user: UserRecord | None, rec: KeyRecord) -> None:
+        """An operator may use a tagged key only if it shares one of its tags."""
+        if user is None or not rec.tags or user.role != "Operator":
+            return
+        if not set(rec.tags) & set(user.tags):
+            raise ApiError(
+                403,
+                f"access denied: key {rec.id} is restricted to tags {', '.join(rec.tags)} "
+                f"and user {user.id} has none of them",
+            )
+
+    def usable_by(self, user: UserRecord | None, rec: KeyRecord) -> bool:
+        try:
+            self.check_tags(user, rec)
+        except ApiError:
+            return False
+        return True
+
+    def destroy_backend_key(self, backend_id: str) -> None:
+        """Delete a key from the HSM; a key already gone is fine."""
+        self.forget_key(backend_id)
+        try:
+            self.hsm.get_key(key_id=backend_id).delete()
+        except KeyNotFound:
+            pass
+        except HSMError as exc:
+            raise from_hsm_error(exc) from None
+
+    def reconcile(self) -> None:
+        """Finish or undo key creations and deletions a crash interrupted."""
+        for rec in self.store.unfinished():
+            try:
+                self.destroy_backend_key(rec.backend_id)
+            except ApiError as exc:
+                log.warning("could not clean up key %s (%s): %s", rec.id, rec.status, exc.message)
+                continue
+            with self.store.transaction() as tx:
+                self.store.delete_key(tx, rec.id)
+            log.info("removed key %s left %s by an interrupted request", rec.id, rec.status)
+
+    # -- users -----------------------------------------------------------------------
+
+    def new_user(self, user_id: str, real_name: str, role: str, passphrase: str) -> UserRecord:
+        return UserRecord(user_id, real_name, role, hash_passphrase(passphrase))
+
+    def close(self) -> None:
+        self.store.close()

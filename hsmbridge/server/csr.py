@@ -1,0 +1,93 @@
+"""PKCS#10 certificate signing requests signed inside the HSM.
+
+The request is assembled with asn1crypto's structures and its
+CertificationRequestInfo signed by the key itself (``key.sign``), so the
+private key never leaves the token. Subject and SAN rules follow NetHSM's
+DistinguishedName: SANs default to the common name, an empty list means no
+SAN extension, and ``IP:`` marks an IP address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
+from asn1crypto import pem, x509
+
+from ..api import EC, Key
+from ..errors import HSMError
+from .errors import bad_request, from_hsm_error
+
+#: DistinguishedName property -> asn1crypto name attribute.
+DN_FIELDS = {
+    "countryName": "country_name",
+    "stateOrProvinceName": "state_or_province_name",
+    "localityName": "locality_name",
+    "organizationName": "organization_name",
+    "organizationalUnitName": "organizational_unit_name",
+    "commonName": "common_name",
+    "emailAddress": "email_address",
+}
+_EC_ALGO = {"P-256": ("sha256_ecdsa", "ecdsa-sha256"), "P-384": ("sha384_ecdsa", "ecdsa-sha384"),
+            "P-521": ("sha512_ecdsa", "ecdsa-sha512")}  # fmt: skip
+
+
+def _general_names(sans: list[str]) -> list[x509.GeneralName]:
+    names = []
+    for san in sans:
+        if san.startswith("IP:"):
+            try:
+                ip = str(ipaddress.ip_address(san[3:]))
+            except ValueError:
+                raise bad_request(f"subjectAltName {san!r} is not an IP address") from None
+            names.append(x509.GeneralName(name="ip_address", value=ip))
+        else:
+            names.append(x509.GeneralName(name="dns_name", value=san))
+    return names
+
+
+def build_csr(key: Key, dn: dict[str, Any]) -> str:
+    """A PEM CSR for ``key`` with the subject ``dn`` (NetHSM DistinguishedName)."""
+    subject = {DN_FIELDS[k]: v for k, v in dn.items() if k in DN_FIELDS and v != ""}
+    if "common_name" not in subject:
+        raise bad_request("commonName must be a non-empty string")
+    if "country_name" in subject and len(subject["country_name"]) != 2:
+        raise bad_request("countryName must be a two-letter country code")
+    sans = dn.get("subjectAltNames", [dn["commonName"]])
+    try:
+        name = x509.Name.build(subject)
+        attributes = []
+        if sans:
+            ext = x509.Extension(
+                {"extn_id": "subject_alt_name", "extn_value": _general_names(sans)}
+            )
+            attributes.append({"type": "extension_request", "values": [[ext]]})
+        info = asn1_csr.CertificationRequestInfo(
+            {
+                "version": "v1",
+                "subject": name,
+                "subject_pk_info": asn1_keys.PublicKeyInfo.load(key.public_key_der()),
+                "attributes": attributes,
+            }
+        )
+        tbs = info.dump()
+    except (ValueError, TypeError) as exc:
+        raise bad_request(f"cannot encode the distinguished name: {exc}") from None
+    if isinstance(key.spec, EC):
+        algorithm, mech = _EC_ALGO[key.spec.curve]
+    else:
+        algorithm, mech = "sha256_rsa", "rsa-pkcs1-sha256"
+    try:
+        signature = key.sign(tbs, mech)
+    except HSMError as exc:
+        raise from_hsm_error(exc) from None
+    request = asn1_csr.CertificationRequest(
+        {
+            "certification_request_info": info,
+            "signature_algorithm": {"algorithm": algorithm},
+            "signature": signature,
+        }
+    )
+    return bytes(pem.armor("CERTIFICATE REQUEST", request.dump())).decode("ascii")

@@ -1,0 +1,192 @@
+"""Running the bridge: ``serve()`` for the command, ``start_in_thread()`` for tests.
+
+uvicorn serves HTTPS with keep-alive and concurrent requests and stops
+gracefully on SIGTERM/SIGINT (it finishes requests in flight). Without a
+certificate the server makes a self-signed one in the state directory on first
+start, reuses it afterwards, and prints its SHA-256 fingerprint for pinning.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..api import HSM
+from ..errors import ConfigurationError
+from . import tls
+from .app import build_app
+from .bridge import Bridge
+
+log = logging.getLogger("hsmbridge.server")
+
+DEFAULT_THREADS = 64
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigurationError(
+            f"--listen must be HOST:PORT (e.g. 127.0.0.1:8443), got {listen!r}"
+        )
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _tls_files(
+    state_dir: Path, tls_cert: str | Path | None, tls_key: str | Path | None, host: str
+) -> tuple[Path, Path]:
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigurationError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is not None and tls_key is not None:
+        return Path(tls_cert), Path(tls_key)
+    names = (host,) if host not in ("0.0.0.0", "::", "") else ()
+    return tls.ensure_self_signed(state_dir, names)
+
+
+def _uvicorn_config(app: Any, cert: Path, key: Path, threads: int, **kw: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+        log_level=kw.pop("log_level", "warning"),
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=kw.pop("graceful", 10),
+        limit_concurrency=threads * 16,
+        lifespan="on",
+        **kw,
+    )
+
+
+def serve(
+    hsm_uri: str,
+    listen: str,
+    state_dir: str | Path,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    pin: str | None = None,
+    *,
+    threads: int = DEFAULT_THREADS,
+) -> None:
+    """Serve the NetHSM API over the HSM at ``hsm_uri`` until SIGTERM/SIGINT.
+
+    ``pin`` overrides the URI's PIN (else pin-value/pin-source/HSMBRIDGE_PIN).
+    """
+    import uvicorn
+
+    import hsmbridge
+
+    host, port = _split_listen(listen)
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    cert, key = _tls_files(state, tls_cert, tls_key, host)
+    options = {"pin": pin} if pin is not None else {}
+    hsm = hsmbridge.open(hsm_uri, **options)
+    bridge = Bridge(hsm, state, cert)
+    try:
+        print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
+        print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
+        print(f"state: {bridge.state} (database {bridge.store.path})", flush=True)
+        config = _uvicorn_config(
+            build_app(bridge, threads), cert, key, threads, host=host, port=port
+        )
+        uvicorn.Server(config).run()
+    finally:
+        bridge.close()
+        hsm.close()
+
+
+@dataclass
+class RunningServer:
+    """A server started by :func:`start_in_thread`; ``stop()`` ends it."""
+
+    bridge: Bridge
+    host: str
+    port: int
+    cert: Path
+    fingerprint: str
+    _server: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        """Base URL of the API, e.g. ``https://127.0.0.1:40123/api/v1``."""
+        return f"https://{self.host}:{self.port}/api/v1"
+
+    @property
+    def hostport(self) -> str:
+        """``host:port`` — what the ``nethsm`` SDK takes as its host."""
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self.bridge.close()
+
+
+def start_in_thread(
+    hsm: HSM,
+    state_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    threads: int = DEFAULT_THREADS,
+    startup_timeout: float = 30.0,
+) -> RunningServer:
+    """Serve ``hsm`` from a background thread of this process (port 0: a free one).
+
+    The caller keeps ownership of ``hsm``. Returns once the server accepts
+    connections.
+    """
+    import uvicorn
+
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    cert, key = _tls_files(state, tls_cert, tls_key, host)
+    bridge = Bridge(hsm, state, cert)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = _uvicorn_config(build_app(bridge, threads), cert, key, threads, graceful=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="hsmbridge-serve", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while thread.is_alive() and not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        server.should_exit = True
+        thread.join(5)
+        bridge.close()
+        raise ConfigurationError(f"the bridge server did not start within {startup_timeout}s")
+    return RunningServer(bridge, host, bound_port, cert, tls.fingerprint(cert), server, thread)
+
+
+def main_serve(args: Any) -> int:
+    """Entry for ``hsmbridge serve``: ``args`` has hsm, listen, state_dir, tls_cert, tls_key."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        serve(
+            args.hsm,
+            args.listen,
+            args.state_dir,
+            getattr(args, "tls_cert", None),
+            getattr(args, "tls_key", None),
+            getattr(args, "pin", None),
+        )
+    except ConfigurationError as exc:
+        print(f"hsmbridge serve: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,248 @@
+"""The bridge's own state in SQLite: system state, users, key metadata.
+
+Keys themselves stay in the HSM; this database maps a NetHSM key id to the
+backend key (its PKCS#11 id) and keeps what NetHSM knows about a key that a
+token does not (mechanisms, label, tags, certificate). WAL mode and one
+transaction per request keep it consistent across crashes. Key creation and
+deletion are two-phase (a ``pending``/``deleting`` row is committed before the
+HSM is touched) so :meth:`Store.unfinished` can finish or undo them on start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    real_name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    pass_hash TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    mechanisms TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    backend_id TEXT NOT NULL UNIQUE,
+    backend_label TEXT NOT NULL,
+    cert BLOB,
+    cert_type TEXT,
+    operations INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'ready'
+);
+"""
+
+
+@dataclass
+class UserRecord:
+    id: str
+    real_name: str
+    role: str
+    pass_hash: str = field(repr=False)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    type: str
+    mechanisms: list[str]
+    backend_id: str
+    backend_label: str
+    label: str = ""
+    tags: list[str] = field(default_factory=list)
+    cert: bytes | None = None
+    cert_type: str | None = None
+    operations: int = 0
+    status: str = "ready"
+
+
+class Store:
+    """One SQLite connection shared by all request threads behind a lock.
+
+    SQLite serialises writers anyway; one connection and a lock keep every
+    request's reads and writes in a single transaction without busy retries.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._ops: dict[str, int] = {}  # operation counts not yet written
+        self._closed = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit: everything inside commits together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Write pending counts and close; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self.flush_operations()
+            self._db.close()
+            self._closed = True
+
+    # -- settings ------------------------------------------------------------------
+
+    def get_setting(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    @staticmethod
+    def set_setting(tx: sqlite3.Connection, name: str, value: str) -> None:
+        tx.execute(
+            "INSERT INTO settings(name, value) VALUES(?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+            (name, value),
+        )
+
+    # -- users ---------------------------------------------------------------------
+
+    def get_user(self, user_id: str) -> UserRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM users WHERE id=?", (user_id,)).fetchone()
+        return None if row is None else _user(row)
+
+    def list_users(self) -> list[str]:
+        with self._lock:
+            return [r["id"] for r in self._db.execute("SELECT id FROM users ORDER BY id")]
+
+    @staticmethod
+    def put_user(tx: sqlite3.Connection, user: UserRecord) -> None:
+        tx.execute(
+            "INSERT OR REPLACE INTO users(id, real_name, role, pass_hash, tags) "
+            "VALUES(?, ?, ?, ?, ?)",
+            (user.id, user.real_name, user.role, user.pass_hash, json.dumps(user.tags)),
+        )
+
+    # -- keys ----------------------------------------------------------------------
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM keys WHERE id=? AND status='ready'", (key_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            rec = _key(row)
+            rec.operations += self._ops.get(key_id, 0)
+            return rec
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM keys WHERE status='ready' ORDER BY id")
+            return [_key(r) for r in rows]
+
+    def unfinished(self) -> list[KeyRecord]:
+        """Keys whose creation or deletion was interrupted (a crash mid-request)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM keys WHERE status!='ready'")
+            return [_key(r) for r in rows]
+
+    @staticmethod
+    def exists_key(tx: sqlite3.Connection, key_id: str) -> bool:
+        return tx.execute("SELECT 1 FROM keys WHERE id=?", (key_id,)).fetchone() is not None
+
+    @staticmethod
+    def put_key(tx: sqlite3.Connection, rec: KeyRecord) -> None:
+        tx.execute(
+            "INSERT OR REPLACE INTO keys(id, type, mechanisms, label, tags, backend_id, "
+            "backend_label, cert, cert_type, operations, status) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.id,
+                rec.type,
+                json.dumps(rec.mechanisms),
+                rec.label,
+                json.dumps(rec.tags),
+                rec.backend_id,
+                rec.backend_label,
+                rec.cert,
+                rec.cert_type,
+                rec.operations,
+                rec.status,
+            ),
+        )
+
+    @staticmethod
+    def delete_key(tx: sqlite3.Connection, key_id: str) -> None:
+        tx.execute("DELETE FROM keys WHERE id=?", (key_id,))
+
+    def count_operation(self, key_id: str) -> None:
+        """Count a key use in memory; written by :meth:`flush_operations`.
+
+        A database write per signature would cost more than the signature, so
+        a crash can lose the counts since the last flush (never key data).
+        """
+        with self._lock:
+            self._ops[key_id] = self._ops.get(key_id, 0) + 1
+
+    def flush_operations(self) -> None:
+        with self._lock:
+            if not self._ops:
+                return
+            pending, self._ops = self._ops, {}
+            with self.transaction() as tx:
+                tx.executemany(
+                    "UPDATE keys SET operations = operations + ? WHERE id=?",
+                    [(n, k) for k, n in pending.items()],
+                )
+
+    def rename_operations(self, old: str, new: str) -> None:
+        with self._lock:
+            if old in self._ops:
+                self._ops[new] = self._ops.pop(old)
+
+    def total_operations(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(operations), 0) AS n FROM keys").fetchone()
+            return int(row["n"]) + sum(self._ops.values())
+
+
+def _user(row: sqlite3.Row) -> UserRecord:
+    return UserRecord(
+        row["id"], row["real_name"], row["role"], row["pass_hash"], json.loads(row["tags"])
+    )
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        type=row["type"],
+        mechanisms=json.loads(row["mechanisms"]),
+        backend_id=row["backend_id"],
+        backend_label=row["backend_label"],
+        label=row["label"],
+        tags=json.loads(row["tags"]),
+        cert=row["cert"],
+        cert_type=row["cert_type"],
+        operations=row["operations"],
+        status=row["status"],
+    )
