@@ -28,6 +28,7 @@ from hsmbridge import (
     AuthenticationError,
     InvalidInput,
     KeyExists,
+    KeyNotFound,
     Mechanism,
 )
 from hsmbridge.testing import SoftToken
@@ -132,7 +133,8 @@ def test_keys_made_by_pkcs11_tool_are_usable(
     keypairgen(softhsm_token, key_type, unique_label, key_id)
     [info] = [i for i in pkcs11_hsm.list_keys() if i.label == unique_label]
     assert (info.id, info.spec) == (key_id, spec)
-    assert "sign" in info.usage
+    # SoftHSM2 sets CKA_DECRYPT on these by default; an EC key still cannot decrypt
+    assert info.usage == ({"sign", "decrypt"} if spec.key_type == "rsa" else {"sign"})
     by_label, by_id = pkcs11_hsm.get_key(unique_label), pkcs11_hsm.get_key(key_id=key_id)
     assert by_label.public_key_der() == by_id.public_key_der()
     verify_sign(by_label, mech)
@@ -315,3 +317,19 @@ def test_foreign_keys_sharing_an_id(
     verify_sign(pkcs11_hsm.get_key(labels[0]), Mechanism.RSA_PKCS1_SHA256)
     verify_sign(pkcs11_hsm.get_key(labels[1]), Mechanism.ECDSA_SHA256)
     verify_sign(pkcs11_hsm.get_key(labels[2]), Mechanism.ECDSA_SHA384)
+
+
+def test_private_key_without_public_object(
+    pkcs11_hsm: HSM, softhsm_token: SoftToken, unique_label: str, made_keys: list[str]
+) -> None:
+    """Another application deleted the public half: signing works, exporting fails clearly."""
+    made_keys.append(unique_label)
+    key_id = uuid.uuid4().hex[:8]
+    keypairgen(softhsm_token, "EC:secp384r1", unique_label, key_id)
+    tool(softhsm_token, "--delete-object", "--type", "pubkey", "--id", key_id)
+    [info] = [i for i in pkcs11_hsm.list_keys() if i.label == unique_label]
+    assert info.spec == EC("P-384")
+    key = pkcs11_hsm.get_key(unique_label)
+    assert key.sign(b"still signs", "ecdsa-sha384")
+    with pytest.raises(KeyNotFound, match="public"):
+        key.public_key_pem()
