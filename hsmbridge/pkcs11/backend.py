@@ -200,6 +200,8 @@ class Pkcs11HSM(HSM):
             for name, attr in (("sign", Attribute.SIGN), ("decrypt", Attribute.DECRYPT))
             if _attr(priv, attr, False)
         }
+        if isinstance(spec, EC):  # modules (SoftHSM2) default CKA_DECRYPT to true on EC keys
+            usage.discard("decrypt")
         label = _attr(priv, Attribute.LABEL, "") or ""
         return KeyInfo(label, bytes(_attr(priv, Attribute.ID, b"")).hex(), spec, frozenset(usage))
 
@@ -275,7 +277,13 @@ class Pkcs11Key(Key):
             priv = self._object_in(session)
             if isinstance(self.spec, RSA):
                 return rsa.public_key_der(priv)
-            return ec.public_key_der(self.hsm._public_object(priv))
+            try:
+                return ec.public_key_der(self.hsm._public_object(priv))
+            except p11x.AttributeTypeInvalid:  # only the private object, which has no point
+                raise KeyNotFound(
+                    f"the public key of {self.label!r} (id {self.id!r}) is not in "
+                    f"{self.hsm.description}; import it there to export it"
+                ) from None
 
     def _object_in(self, session: Any) -> Any:
         """This key's private object as seen through ``session`` (same handle)."""
