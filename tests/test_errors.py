@@ -296,6 +296,37 @@ def test_corrupt_ciphertext(rsa_key: Key, mech: Mechanism) -> None:
     assert rsa_key.decrypt(encrypt(rsa_key, mech), mech) == PLAINTEXT
 
 
+BAD_TYPES_SCRIPT = """
+import sys
+import hsmbridge
+hsm = hsmbridge.open(sys.argv[1], pin=sys.argv[2])
+calls = [
+    lambda: hsm.get_key(5),
+    lambda: hsm.get_key(b"label"),
+    lambda: hsm.get_key(key_id=5),
+    lambda: hsm.get_key(key_id=b"\\x01"),
+    lambda: hsm.generate_key(hsmbridge.EC(), "bad-types", key_id=b"\\x01"),
+]
+for call in calls:
+    try:
+        call()
+        print("no error")
+    except Exception as exc:
+        print(type(exc).__name__, flush=True)
+"""
+
+
+def test_wrong_argument_types_do_not_crash(softhsm_token: SoftToken) -> None:
+    """Non-str labels and ids reached python-pkcs11, which segfaults on them: in a
+    child process, so a crash fails this test rather than the run."""
+    done = subprocess.run(
+        [sys.executable, "-c", BAD_TYPES_SCRIPT, softhsm_token.uri, softhsm_token.pin],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **softhsm_token.env()},
+    )  # fmt: skip
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout} {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["InvalidInput"] * 5
+
+
 # -- a fresh process: a real C_Login failure and a token with a distinctive PIN -------------
 
 LEAK_SCRIPT = """
