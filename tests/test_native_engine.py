@@ -180,6 +180,7 @@ class HSM:
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HSM]:
     real = os.path.realpath(MODULE)
     key = _already_loaded(real)
+    old_conf = os.environ.get("SOFTHSM2_CONF")
     label = "t" if key is None else f"native-{uuid.uuid4().hex[:8]}"
     dll = _dll(real)
     if key is None:
@@ -251,6 +252,12 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HSM]:
     for session in sessions:
         session.close()
     login.close()
+    # SoftHSM2 reads SOFTHSM2_CONF at C_Initialize: whoever initialises the
+    # module next (e.g. hsmbridge's loader) should see its own config again.
+    if old_conf is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = old_conf
 
 
 def _handle(obj: Any) -> int:
