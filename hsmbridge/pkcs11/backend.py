@@ -116,7 +116,7 @@ class Pkcs11HSM(HSM):
         uses = normalize_usage(usage, spec)
         try:
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
-        except ValueError:
+        except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
         public_t, private_t = key_pair_templates(raw_id, label, uses)
         with self.pool.admin() as session:
@@ -142,6 +142,9 @@ class Pkcs11HSM(HSM):
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Pkcs11Key:
         if label is None and key_id is None:
             raise InvalidInput("get_key needs a label or a key_id")
+        for name, value in (("label", label), ("key_id", key_id)):
+            if value is not None and not isinstance(value, str):  # python-pkcs11 segfaults
+                raise InvalidInput(f"get_key's {name} must be a str, not {type(value).__name__}")
         template: dict[Attribute, Any] = {}
         if label is not None:
             template[Attribute.LABEL] = label
