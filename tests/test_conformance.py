@@ -616,6 +616,22 @@ def test_stream_mechanism_is_checked_before_iteration(keyring: Keyring) -> None:
         keyring.get("p256").decrypt_many([b"x"], OAEP)
 
 
+def test_stream_window_and_threads_arguments(keyring: Keyring) -> None:
+    key = keyring.get("p256")
+    with pytest.raises(InvalidInput, match="window"):
+        list(key.sign_many([b"x"], Mechanism.ECDSA_SHA256, window=-1))
+    with pytest.raises(InvalidInput, match="window"):
+        list(keyring.get("rsa2048").decrypt_many([b"x"], OAEP, window=-5))
+    # threads below 1 mean one thread, as in sign_batch
+    messages = [message_for("t", i) for i in range(3)]
+    for signed in (
+        key.sign_batch(messages, Mechanism.ECDSA_SHA256, threads=-2),
+        list(key.sign_many(messages, Mechanism.ECDSA_SHA256, threads=-2)),
+    ):
+        for message, signature in zip(messages, signed, strict=True):
+            assert crypto_verify(pem_public(key), signature, message, Mechanism.ECDSA_SHA256)
+
+
 def test_stream_cancellation_leaves_key_usable(keyring: Keyring) -> None:
     key = keyring.get("rsa2048")
     mech = Mechanism.RSA_PKCS1_SHA256
