@@ -424,7 +424,7 @@ class Key(abc.ABC):
             lambda chunk: self._sign_batch(
                 chunk, mechanism, prehashed, signature_format, threads, return_exceptions
             ),
-            window or _default_window(threads),
+            _window(window, threads),
         )
 
     def decrypt_many(
@@ -441,7 +441,7 @@ class Key(abc.ABC):
         return stream_batches(
             ciphertexts,
             lambda chunk: self._decrypt_batch(chunk, mechanism, threads, return_exceptions),
-            window or _default_window(threads),
+            _window(window, threads),
         )
 
     def delete(self) -> None:
@@ -450,7 +450,13 @@ class Key(abc.ABC):
 
 
 def _default_window(threads: int | None) -> int:
-    return 256 * (threads or default_threads())
+    return 256 * max(1, threads or default_threads())
+
+
+def _window(window: int | None, threads: int | None) -> int:
+    if window is not None and window < 1:
+        raise InvalidInput(f"window must be at least 1 item, got {window!r}")
+    return window or _default_window(threads)
 
 
 def _single_or_batch(exc: HSMError, index: int) -> HSMError:
