@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -32,9 +32,7 @@ from cryptography.x509.oid import NameOID
 import hsmbridge
 from hsmbridge import HSM
 from hsmbridge.nethsm import NetHSM
-
-if TYPE_CHECKING:
-    from server_fixtures import BridgeServer
+from hsmbridge.server.testing import BridgeServer, start_bridge
 
 
 def make_certificate(directory: Path, name: str = "loopback") -> tuple[Path, Path, str]:
@@ -76,15 +74,19 @@ def make_certificate(directory: Path, name: str = "loopback") -> tuple[Path, Pat
 class RecordingTLSServer:
     """A real TLS server on loopback that records what clients send after the handshake.
 
-    Each connection: TLS handshake, then read until the end of the HTTP
-    headers (or the client closes), record the bytes, answer a small JSON
-    ``200`` and close. ``handshakes`` counts completed handshakes, so a test
-    can tell "refused after the handshake" from "never connected".
+    Each connection: TLS handshake, then read the HTTP request (or until the
+    client closes), record the bytes, answer ``status`` with
+    ``body`` (or, with ``answer=False``, nothing) and close. ``handshakes``
+    counts completed handshakes, so a test can tell "refused after the
+    handshake" from "never connected".
     """
 
     BODY = b'{"state":"Operational"}'
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    def __init__(
+        self, cert: Path, key: Path, *, status: int = 200, body: bytes = BODY, answer: bool = True
+    ) -> None:
+        self.status, self.body, self.answer = status, body, answer
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(str(cert), str(key))
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -97,6 +99,7 @@ class RecordingTLSServer:
         self.handshakes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._handlers: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> RecordingTLSServer:
@@ -109,6 +112,12 @@ class RecordingTLSServer:
         self._sock.close()
 
     @property
+    def requests(self) -> list[bytes]:
+        """The request heads received, one per connection that sent anything."""
+        with self._lock:
+            return [r for r in self.received if r]
+
+    @property
     def all_bytes(self) -> bytes:
         with self._lock:
             return b"".join(self.received)
@@ -119,7 +128,17 @@ class RecordingTLSServer:
                 conn, _ = self._sock.accept()
             except (TimeoutError, OSError):
                 continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            handler = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            with self._lock:
+                self._handlers.append(handler)
+            handler.start()
+
+    def settle(self) -> None:
+        """Wait until every connection accepted so far has been handled."""
+        with self._lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            handler.join(10)
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
@@ -128,23 +147,38 @@ class RecordingTLSServer:
             with self._context.wrap_socket(conn, server_side=True) as tls:
                 with self._lock:
                     self.handshakes += 1
-                while b"\r\n\r\n" not in data:
+                while b"\r\n\r\n" not in data or len(data) < _request_length(data):
                     chunk = tls.recv(4096)
                     if not chunk:
                         break
                     data += chunk
-                if data:
+                self._record(data)  # before answering: the client may look right after
+                data = b""
+                if self.answer:
                     tls.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        + f"Content-Length: {len(self.BODY)}\r\n".encode()
+                        f"HTTP/1.1 {self.status} Whatever\r\n".encode()
+                        + b"Content-Type: application/json\r\n"
+                        + f"Content-Length: {len(self.body)}\r\n".encode()
                         + b"Connection: close\r\n\r\n"
-                        + self.BODY
+                        + self.body
                     )
         except (OSError, ssl.SSLError):
-            pass
-        finally:
+            self._record(data)
+
+    def _record(self, data: bytes) -> None:
+        if data:
             with self._lock:
                 self.received.append(data)
+
+
+def _request_length(data: bytes) -> int:
+    """Head plus Content-Length: how many bytes the request has (read all before answering)."""
+    head, _, _ = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(head) + 4 + int(value)
+    return len(head) + 4
 
 
 def free_port() -> int:
@@ -155,36 +189,6 @@ def free_port() -> int:
 
 
 # -- the bridge server and NetHSM handles on it ---------------------------------------------
-
-
-def start_bridge(hsm: HSM, directory: Path) -> BridgeServer:
-    """A provisioned ``hsmbridge serve`` (in a thread) over ``hsm``, with admin and operator."""
-    from server_fixtures import (
-        ADMIN_PASSPHRASE,
-        UNLOCK_PASSPHRASE,
-        BridgeServer,
-        Credentials,
-        provision,
-    )
-
-    from hsmbridge.server.run import start_in_thread
-
-    server = start_in_thread(hsm, directory)
-    bridge = BridgeServer(
-        server=server,
-        hsm=hsm,
-        state_dir=directory,
-        admin=Credentials("admin", ADMIN_PASSPHRASE),
-        operator=Credentials("operator", "operator-passphrase-0"),
-        metrics=Credentials("metrics", "metrics-passphrase-0"),
-        unlock_passphrase=UNLOCK_PASSPHRASE,
-    )
-    try:
-        provision(bridge)
-    except BaseException:
-        server.stop()
-        raise
-    return bridge
 
 
 def open_nethsm(bridge: BridgeServer, user: str = "admin", **options: Any) -> NetHSM:
@@ -216,7 +220,7 @@ def nethsm_hsm(request: pytest.FixtureRequest, pkcs11_hsm: HSM) -> Iterator[NetH
         bridge: BridgeServer = request.getfixturevalue("bridge_server")
     except pytest.FixtureLookupError:
         directory = Path(tempfile.mkdtemp(prefix="hsmbridge-nethsm-"))
-        own = bridge = start_bridge(pkcs11_hsm, directory)
+        own = bridge = start_bridge(pkcs11_hsm, directory, True)
     hsm = open_nethsm(bridge)
     try:
         yield hsm

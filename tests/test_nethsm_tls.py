@@ -39,6 +39,7 @@ def test_wrong_fingerprint_is_refused_before_any_byte_is_sent(
     with pytest.raises(ConfigurationError, match="pinned fingerprint") as info:
         hsm.health()
     hsm.close()
+    srv.settle()
     assert fingerprint[:8] in info.value.message.replace(":", "").lower()  # names what it saw
     assert PASSWORD not in info.value.message
     assert srv.handshakes >= 1  # it did connect and complete the handshake...
@@ -54,6 +55,7 @@ def test_right_fingerprint_connects_and_the_recorder_sees_credentials(
         hsm = open_hsm(srv.port, fingerprint=pin)
         assert hsm.health() == "Operational"
         hsm.close()
+    srv.settle()
     assert b"Authorization: Basic " in srv.all_bytes  # the negative test above can fail
     assert b"GET /api/v1/health/state" in srv.all_bytes
 
@@ -64,11 +66,13 @@ def test_ca_file_verifies_and_system_cas_refuse(
     srv, cert, _ = server
     with open_hsm(srv.port, f"?ca={cert}") as hsm:
         assert isinstance(hsm, NetHSM) and hsm.health() == "Operational"
+    srv.settle()
     sent_before = srv.all_bytes
     hsm = open_hsm(srv.port)  # verification on by default: a self-signed cert is refused
     with pytest.raises(ConfigurationError, match="TLS verification") as info:
         hsm.health()
     hsm.close()
+    srv.settle()
     assert "fingerprint=" in info.value.message
     assert srv.all_bytes == sent_before
 
