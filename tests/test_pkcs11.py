@@ -279,20 +279,25 @@ def token_slots(token: SoftToken) -> dict[str, tuple[int, str]]:
 
 
 def test_second_handle_on_same_token(
-    pkcs11_hsm: HSM, softhsm_token: SoftToken, unique_label: str
+    pkcs11_hsm: HSM, softhsm_token: SoftToken, unique_label: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slot, serial = token_slots(softhsm_token)[softhsm_token.label]
     key = pkcs11_hsm.generate_key(EC("P-256"), unique_label)
+    monkeypatch.delenv("PKCS11_MODULE", raising=False)
     try:
         for uri in (
             f"pkcs11:serial={serial}?module-path={softhsm_token.module}",
             f"pkcs11:slot-id={slot}?module-path={softhsm_token.module}",
             f"pkcs11:token={softhsm_token.label};serial={serial}?module-path="
             f"{softhsm_token.module}&pin-value={softhsm_token.pin}",
+            f"pkcs11:token={softhsm_token.label}",  # the default SoftHSM2 path: same module
         ):
             with hsmbridge.open(uri, pin=softhsm_token.pin) as second:
                 assert second.get_key(unique_label).public_key_der() == key.public_key_der()
                 verify_sign(second.get_key(unique_label), Mechanism.ECDSA_SHA256)
+        monkeypatch.setenv(hsmbridge.HSM_ENV, softhsm_token.uri_with_pin)
+        with hsmbridge.open() as from_env:
+            verify_sign(from_env.get_key(unique_label), Mechanism.ECDSA_SHA256)
         with pytest.raises(AuthenticationError):
             hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin + "-wrong")
         # closing and refusing second handles left the first one logged in
