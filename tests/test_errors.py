@@ -172,23 +172,24 @@ def test_unknown_token_lists_present_tokens(softhsm_tokens: dict[str, SoftToken]
         hsmbridge.open(f"pkcs11:slot-id=4294967295?module-path={module}", pin=WRONG_PIN)
 
 
-@pytest.mark.parametrize(
-    "uri",
-    [
-        "",
-        "pkcs12:token=x?pin-value=" + URI_PIN,
-        "pkcs12:token=x;pin-value=" + URI_PIN,
-        "PKCS11:token=x&pin-value=" + URI_PIN,
-        "pkcs11:tokn=x?pin-value=" + URI_PIN,
-        "pkcs11:token=x?pin=" + URI_PIN,
-        "pkcs11:token;serial=1",
-        "pkcs11:slot-id=first?pin-value=" + URI_PIN,
-        "nethsm://host:8443",
-        "nethsm://operator:" + URI_PIN + "@host:8443",
-        "nethsm://operator@host:port",
-        "nethsm://operator@",
-    ],
-)
+BAD_URIS = {
+    "empty": "",
+    "unknown-scheme": "pkcs12:token=x?pin-value=" + URI_PIN,
+    "pin-in-path": "pkcs12:token=x;pin-value=" + URI_PIN,
+    "uppercase-scheme-no-query": "PKCS11:token=x&pin-value=" + URI_PIN,
+    "unknown-path-attribute": "pkcs11:tokn=x?pin-value=" + URI_PIN,
+    "unknown-query-attribute": "pkcs11:token=x?pin=" + URI_PIN,
+    "attribute-without-value": "pkcs11:token;serial=1",
+    "slot-id-not-a-number": "pkcs11:slot-id=first?pin-value=" + URI_PIN,
+    "nethsm-without-user": "nethsm://host:8443",
+    "nethsm-password-in-userinfo": "nethsm://operator:" + URI_PIN + "@host:8443",
+    "nethsm-password-parameter": "nethsm://operator@host:8443?password=" + URI_PIN,
+    "nethsm-bad-port": "nethsm://operator@host:port",
+    "nethsm-no-host": "nethsm://operator@",
+}
+
+
+@pytest.mark.parametrize("uri", list(BAD_URIS.values()), ids=list(BAD_URIS))
 def test_bad_uri(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(hsmbridge.HSM_ENV, raising=False)
     with raises(ConfigurationError):
