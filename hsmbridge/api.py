@@ -24,7 +24,7 @@ from .mechanisms import (
     check_signature_format,
     ecdsa_raw_to_der,
     parse_mechanism,
-    signing_input,
+    signing_preparer,
 )
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class Key(abc.ABC):
     def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
         """A context manager yielding a function that does one prepared operation.
 
-        For ``sign`` the function takes :func:`signing_input` output and returns
+        For ``sign`` the function takes :func:`signing_preparer` output and returns
         the signature (ECDSA as raw r‖s); for ``decrypt`` it takes the
         ciphertext and returns the plaintext. Batches enter one worker per
         thread, so a backend can bind a session (or connection) to it.
@@ -268,11 +268,6 @@ class Key(abc.ABC):
         check_key_type(mech, self.key_type, self.label)
         return mech
 
-    def _finish_signature(self, mech: Mechanism, raw: bytes, signature_format: str) -> bytes:
-        if mech.family == "ecdsa" and signature_format == "der":
-            return ecdsa_raw_to_der(raw)
-        return raw
-
     def sign(
         self,
         data: bytes,
@@ -312,19 +307,19 @@ class Key(abc.ABC):
     ) -> list[Any]:
         mech = self._check(mechanism, sign=True)
         check_signature_format(signature_format)
+        prepare = signing_preparer(mech, prehashed=prehashed)
         prepared: list[bytes | HSMError] = []
         for message in messages:
             try:
-                prepared.append(signing_input(mech, message, prehashed=prehashed))
+                prepared.append(prepare(message))
             except HSMError as exc:
                 if not return_exceptions:
                     raise _single_or_batch(exc, len(prepared)) from None
                 prepared.append(exc)
         results = self._run_with_input_errors("sign", mech, prepared, threads, return_exceptions)
-        return [
-            r if isinstance(r, HSMError) else self._finish_signature(mech, r, signature_format)
-            for r in results
-        ]
+        if mech.family == "ecdsa" and signature_format == "der":
+            return [r if isinstance(r, HSMError) else ecdsa_raw_to_der(r) for r in results]
+        return results
 
     def _decrypt_batch(
         self,
