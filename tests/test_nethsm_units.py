@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import requests
@@ -85,6 +86,23 @@ def test_every_mechanism_has_a_spec_mode_and_key_mechanism() -> None:
     assert offered == ["rsa-oaep-sha1"]
 
 
+def test_non_string_labels_and_ids_are_invalid_input() -> None:
+    hsm = hsmbridge.open("nethsm://op@127.0.0.1:1", password="unused-password")
+    assert isinstance(hsm, NetHSM)
+    for bad in (5, b"label", ""):
+        with pytest.raises(InvalidInput):
+            hsm.get_key(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            hsm.get_key(key_id=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            hsm.generate_key(RSA(2048), bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="not a valid NetHSM key ID"):
+        hsm.generate_key(RSA(2048), "ok-label", key_id="not/valid")
+    with pytest.raises(InvalidInput, match="32-byte"):
+        hsm.generate_key(EC("P-256"), "a label with spaces that is far too long for NetHSM")
+    assert hsm.stats["requests"] == 0  # all refused before anything was sent
+
+
 def test_key_type_bodies() -> None:
     assert keys.key_type_body(RSA(3072)) == {"type": "RSA", "length": 3072}
     assert keys.key_type_body(EC("P-521")) == {"type": "EC_P521"}
@@ -93,7 +111,7 @@ def test_key_type_bodies() -> None:
 def test_spec_and_public_key_from_key_data() -> None:
     rsa_key = rsa.generate_private_key(65537, 2048).public_key()
     n = rsa_key.public_numbers().n
-    data = {
+    data: dict[str, Any] = {
         "type": "RSA",
         "mechanisms": ["RSA_Signature_PKCS1"],
         "public": {"modulus": keys.b64encode(n.to_bytes(256, "big")), "publicExponent": "AQAB"},

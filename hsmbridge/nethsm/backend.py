@@ -227,6 +227,8 @@ class NetHSM(HSM):
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> NetHSMKey:
         if label is None and key_id is None:
             raise InvalidInput("get_key needs a label or a key_id")
+        if label is not None and (not isinstance(label, str) or not label):
+            raise InvalidInput(f"a key label is a non-empty string, not {label!r}")
         if key_id is not None:
             data = self._fetch(keys.check_key_id(key_id))
             found = [] if data is None else [(key_id, data)]
