@@ -208,6 +208,14 @@ def open_nethsm(bridge: BridgeServer, user: str = "admin", **options: Any) -> Ne
     return hsm
 
 
+_bridges: dict[int, BridgeServer] = {}
+
+
+def bridge_of(hsm: NetHSM) -> BridgeServer:
+    """The bridge server a ``nethsm_hsm`` handle talks to."""
+    return _bridges[id(hsm)]
+
+
 @pytest.fixture(scope="session")
 def nethsm_hsm(request: pytest.FixtureRequest, pkcs11_hsm: HSM) -> Iterator[NetHSM]:
     """A NetHSM handle that can generate, list, sign, decrypt and delete.
@@ -222,9 +230,11 @@ def nethsm_hsm(request: pytest.FixtureRequest, pkcs11_hsm: HSM) -> Iterator[NetH
         directory = Path(tempfile.mkdtemp(prefix="hsmbridge-nethsm-"))
         own = bridge = start_bridge(pkcs11_hsm, directory, True)
     hsm = open_nethsm(bridge)
+    _bridges[id(hsm)] = bridge
     try:
         yield hsm
     finally:
+        _bridges.pop(id(hsm), None)
         hsm.close()
         if own is not None:
             own.stop()

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
 from ..batch import BatchWorker, Operation
@@ -39,6 +39,9 @@ from .client import (
     TLSConfig,
 )
 from .errors import ADMINISTRATOR, ANY_USER, OPERATOR, Call
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 PASSWORD_ENV = "NETHSM_PASSWORD"
 #: URI query parameters (``?name=value``) and the from_uri option each sets.
@@ -177,6 +180,59 @@ class NetHSM(HSM):
     ) -> NetHSMKey:
         if not isinstance(spec, (RSA, EC)):
             raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+        uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
+        body: dict[str, Any] = {"mechanisms": mechanisms, **keys.key_type_body(spec)}
+        if kid is not None:
+            body["id"] = kid
+        call = Call(f"generating a {spec} key {label!r}", ADMINISTRATOR, safe=False, op="generate")
+        cred = self._cred(ADMINISTRATOR)
+
+        def send(body: dict[str, Any]) -> str | None:
+            return _new_id(self.client.post_json("/keys/generate", call, cred, body))
+
+        new_id = self._send_labelled(label, kid, body, send)
+        return NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
+
+    def import_key(
+        self,
+        private_key: PrivateKeyTypes,
+        label: str,
+        *,
+        usage: Iterable[str] | str | None = None,
+        key_id: str | None = None,
+    ) -> NetHSMKey:
+        """Import an RSA or EC (P-256/384/521) ``cryptography`` private key; needs an Administrator.
+
+        The key is then as good as generated inside (non-extractable), but
+        its material existed outside: prefer :meth:`generate_key`.
+        """
+        spec, private = keys.private_data(private_key)
+        uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
+        body: dict[str, Any] = {
+            "type": keys.key_type_body(spec)["type"],
+            "mechanisms": mechanisms,
+            "private": private,
+        }
+        call = Call(f"importing a {spec} key {label!r}", ADMINISTRATOR, safe=False, op="import")
+        cred = self._cred(ADMINISTRATOR)
+
+        def send(body: dict[str, Any]) -> str | None:
+            if kid is not None:
+                self.client.request("PUT", f"/keys/{kid}", call, cred, body=body)
+                return kid
+            return _new_id(self.client.post_json("/keys", call, cred, body))
+
+        new_id = self._send_labelled(label, kid, body, send)
+        return NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
+
+    def _prepare(
+        self, spec: KeySpec, label: str, usage: Iterable[str] | str | None, key_id: str | None
+    ) -> tuple[frozenset[str], str | None, list[str]]:
+        """Check a new key's label, usage and id: (usage, NetHSM key ID or None, mechanisms).
+
+        The label doubles as the key ID when it is a valid one, so the key is
+        found by label even on a NetHSM without labels (before 5.0).
+        """
         if not label or not isinstance(label, str):
             raise InvalidInput("a key needs a non-empty label")
         uses = normalize_usage(usage, spec)
@@ -196,33 +252,36 @@ class NetHSM(HSM):
             )
         if kid is not None and kid != label and self._fetch(kid) is not None:
             raise KeyExists(f"a key with id {kid!r} already exists on {self.description}")
-        mechanisms = keys.mechanisms_for(spec, uses)
-        body: dict[str, Any] = {"mechanisms": mechanisms, **keys.key_type_body(spec)}
-        if kid is not None:
-            body["id"] = kid
-        call = Call(f"generating a {spec} key {label!r}", ADMINISTRATOR, safe=False, op="generate")
-        cred = self._cred(ADMINISTRATOR)
+        return uses, kid, keys.mechanisms_for(spec, uses)
+
+    def _send_labelled(
+        self,
+        label: str,
+        kid: str | None,
+        body: dict[str, Any],
+        send: Callable[[dict[str, Any]], str | None],
+    ) -> str:
+        """Create the key with ``label`` in the body, or without it on a NetHSM < 5.0."""
+        new_id: str | None = None
+        sent = False
         if keys.label_fits(label) and self._labels_supported:
             try:
-                answer = self.client.post_json(
-                    "/keys/generate", call, cred, {**body, "label": label}
-                )
+                new_id, sent = send({**body, "label": label}), True
             except InvalidInput as exc:
                 if "label" not in exc.message.lower():
                     raise
                 self._labels_supported = False  # a NetHSM before 5.0: the key ID is the label
-        if not self._labels_supported:
+        if not sent:
             if kid != label:
                 raise InvalidInput(
                     f"{self.description} has no key labels (NetHSM < 5.0), so the label must be "
                     f"a valid key ID; {label!r} is not"
                 )
-            answer = self.client.post_json("/keys/generate", call, cred, body)
-        new_id = str(answer.get("id") or kid or "") if isinstance(answer, dict) else kid
+            new_id = send(body)
+        new_id = new_id or kid
         if not new_id:
-            raise HSMError(f"{self.description} generated a key but did not say its id")
-        info = KeyInfo(label, new_id, spec, uses)
-        return NetHSMKey(self, info, tuple(mechanisms))
+            raise HSMError(f"{self.description} created a key but did not say its id")
+        return new_id
 
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> NetHSMKey:
         if label is None and key_id is None:
@@ -330,6 +389,11 @@ class NetHSM(HSM):
     def stats(self) -> dict[str, int]:
         """Request, retry, failover and health-probe counters (a copy)."""
         return dict(self.client.stats)
+
+
+def _new_id(answer: Any) -> str | None:
+    """The ``id`` of a CreateResourceId answer."""
+    return str(answer["id"]) if isinstance(answer, dict) and answer.get("id") else None
 
 
 def _label_of(kid: str, data: Mapping[str, Any]) -> str:

@@ -179,6 +179,37 @@ def public_key_der(spec: KeySpec, public: Mapping[str, Any]) -> bytes:
     )
 
 
+def private_data(private_key: Any) -> tuple[KeySpec, dict[str, str]]:
+    """(spec, NetHSM ``KeyPrivateData``) of a ``cryptography`` RSA or EC private key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        numbers = private_key.private_numbers()
+        spec: KeySpec = RSA(private_key.key_size)
+        values = {
+            "primeP": numbers.p,
+            "primeQ": numbers.q,
+            "publicExponent": numbers.public_numbers.e,
+        }
+        return spec, {k: b64encode(_unsigned(v)) for k, v in values.items()}
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        curve = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}.get(
+            private_key.curve.name
+        )
+        if curve is not None:
+            ec_spec = EC(curve)
+            scalar = private_key.private_numbers().private_value
+            return ec_spec, {"data": b64encode(scalar.to_bytes(ec_spec.field_bytes, "big"))}
+    raise InvalidInput(
+        f"cannot import {type(private_key).__name__}; give a cryptography RSA private key or "
+        "an EC one on P-256, P-384 or P-521"
+    )
+
+
+def _unsigned(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
+
+
 def ecdsa_input(digest: bytes, spec: KeySpec) -> bytes:
     """Truncate a digest longer than the curve's order, as ECDSA does (FIPS 186-5 6.4.1).
 
