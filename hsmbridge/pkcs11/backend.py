@@ -97,7 +97,8 @@ class Pkcs11HSM(HSM):
                 "reinstall hsmbridge with a C compiler available"
             )
         self._supported: list[Mechanism] | None = None
-        self._rejected: set[Mechanism] = set()
+        self._rejected: set[Mechanism] = set()  # listed, but the token refused the parameters
+        self._confirmed: set[Mechanism] = set()  # parameters the token has accepted
 
     # -- key management ---------------------------------------------------------
 
@@ -316,10 +317,49 @@ class Pkcs11Key(Key):
         """One translation of a failed sign/decrypt, for both engines."""
         what = f"{mech.value} {'signature' if op == 'sign' else 'decryption'}"
         if isinstance(exc, (p11x.ArgumentsBad, p11x.MechanismParamInvalid, p11x.MechanismInvalid)):
+            self.hsm._rejected.add(mech)
+            if mech.family == "oaep":
+                self._probe_oaep()
             return self.hsm.unsupported(mech)
         if op == "decrypt" and isinstance(exc, (p11x.GeneralError, p11x.FunctionFailed)):
             exc = p11x.EncryptedDataInvalid()  # SoftHSM2 answers bad OAEP padding this way
         return translate(exc, what=what, key=self.label)
+
+    def _probe_oaep(self) -> None:
+        """Learn which OAEP hashes the token really takes, so errors name only those.
+
+        Tokens list one CKM_RSA_PKCS_OAEP whatever hashes they implement
+        (SoftHSM2: SHA-1 only). The probe decrypts a random value encrypted
+        here with the public key, once per untried hash.
+        """
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
+
+        hsm = self.hsm
+        pub = self.public_key()
+        if not isinstance(pub, crypto_rsa.RSAPublicKey) or "decrypt" not in self.info.usage:
+            return
+        for mech in DECRYPT_MECHANISMS:
+            if mech.family != "oaep" or mech in hsm._rejected or mech in hsm._confirmed:
+                continue
+            assert mech.hash_name is not None
+            algorithm = hashes.Hash(getattr(hashes, mech.hash_name.upper())()).algorithm
+            probe = os.urandom(16)
+            ciphertext = pub.encrypt(probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
+            ckm, param = rsa.mechanism(mech)
+            try:
+                with hsm.pool.session() as pooled:
+                    out = self._bound_object(pooled).decrypt(
+                        ciphertext, mechanism=ckm, mechanism_param=param
+                    )
+            except (p11x.ArgumentsBad, p11x.MechanismParamInvalid, p11x.MechanismInvalid):
+                hsm._rejected.add(mech)
+                continue
+            except p11x.PKCS11Error:
+                continue  # not a verdict on the mechanism
+            if bytes(out) == probe:
+                hsm._confirmed.add(mech)
 
     @contextlib.contextmanager
     def _worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> Iterator[Operation]:
