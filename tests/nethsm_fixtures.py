@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography import x509
@@ -32,7 +32,9 @@ from cryptography.x509.oid import NameOID
 import hsmbridge
 from hsmbridge import HSM
 from hsmbridge.nethsm import NetHSM
-from hsmbridge.server.testing import BridgeServer, start_bridge
+
+if TYPE_CHECKING:  # the server extra (starlette, uvicorn) is needed only when a bridge runs
+    from hsmbridge.server.testing import BridgeServer
 
 
 def make_certificate(directory: Path, name: str = "loopback") -> tuple[Path, Path, str]:
@@ -227,6 +229,8 @@ def nethsm_hsm(request: pytest.FixtureRequest, pkcs11_hsm: HSM) -> Iterator[NetH
     try:
         bridge: BridgeServer = request.getfixturevalue("bridge_server")
     except pytest.FixtureLookupError:
+        from hsmbridge.server.testing import start_bridge
+
         directory = Path(tempfile.mkdtemp(prefix="hsmbridge-nethsm-"))
         own = bridge = start_bridge(pkcs11_hsm, directory, True)
     hsm = open_nethsm(bridge)

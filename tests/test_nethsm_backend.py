@@ -134,8 +134,8 @@ def test_batch_threads_never_wait_for_or_discard_connections(
         assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
         for message, signature in zip(messages * 2, signatures, strict=True):
             pkcs1_verify(key.public_key(), signature, message)
-        pools = hsm.client.instances[0].adapter.poolmanager.pools
-        pool = pools[next(iter(pools.keys()))]
+        pool = hsm.client.instances[0].pool
+        assert pool.pool is not None and pool.pool.maxsize == 4
         assert pool.num_connections <= 4  # one pooled keep-alive connection per thread
     finally:
         key.delete()

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -29,7 +28,7 @@ from hsmbridge import (
 )
 from hsmbridge.nethsm import NetHSM, keys
 from hsmbridge.nethsm.client import normalize_fingerprint
-from hsmbridge.nethsm.errors import ADMINISTRATOR, OPERATOR, Call, from_response
+from hsmbridge.nethsm.errors import ADMINISTRATOR, OPERATOR, Answer, Call, from_response
 
 SPEC_MECHANISMS = {  # the KeyMechanism enum of the NetHSM 5.0 OpenAPI spec
     "RSA_Decryption_RAW", "RSA_Decryption_PKCS1", "RSA_Decryption_OAEP_MD5",
@@ -154,15 +153,9 @@ def test_fingerprint_forms() -> None:
             normalize_fingerprint(bad)
 
 
-def response(
-    status: int, body: object, content_type: str = "application/json"
-) -> requests.Response:
-    """A real requests.Response as the transport builds it from a server's answer."""
-    resp = requests.Response()
-    resp.status_code = status
-    resp._content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    resp.headers["Content-Type"] = content_type
-    return resp
+def response(status: int, body: object) -> Answer:
+    """An HTTP answer as the transport hands it to the error mapping."""
+    return Answer(status, body if isinstance(body, bytes) else json.dumps(body).encode())
 
 
 SIGN = Call("signing (rsa-pss-sha256) with key 'k1'", OPERATOR, safe=True, key_id="k1", op="sign")
@@ -216,7 +209,7 @@ def test_bad_request_mapping_reads_the_message() -> None:
                       DecryptionFailed)  # fmt: skip
     assert type(mapped(SIGN, "PSS_SHA256 signs a 32-byte digest, got 5 bytes")) is InvalidInput
     assert type(mapped(GENERATE, "mechanisms are not supported")) is InvalidInput
-    plain = from_response(response(400, b"not json", "text/plain"), SIGN, user="u", where="h")
+    plain = from_response(response(400, b"not json"), SIGN, user="u", where="h")
     assert type(plain) is InvalidInput and "not json" in plain.message
 
 

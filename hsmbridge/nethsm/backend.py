@@ -430,7 +430,7 @@ class NetHSMKey(Key):
                 "GET", self._path("/public.pem"), call, self.hsm._cred(ANY_USER),
                 accept="application/x-pem-file",
             )  # fmt: skip
-            loaded = serialization.load_pem_public_key(resp.content)
+            loaded = serialization.load_pem_public_key(resp.data)
             return loaded.public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )

@@ -1,13 +1,18 @@
 """The NetHSM REST transport: pooled keep-alive HTTPS, TLS pinning, retries, failover.
 
 One :class:`Client` talks to one or more NetHSM instances (a cluster's
-members, or bridge servers) through ``requests``. Each instance has one
-keep-alive connection pool sized to the configured concurrency, so batch
-threads never wait for a socket. Requests that are safe to repeat (sign,
-decrypt, reads) are retried with backoff on connection errors, 412, 429 and
-5xx, round-robin over the instances that answer ``/health/ready``; requests
-that change state (generate, delete, import) are only sent to another instance
-when the first one could not be reached at all, never repeated after sending.
+members, or bridge servers). Each instance has one ``requests`` HTTPAdapter
+whose keep-alive connection pool is sized to the configured concurrency, so
+batch threads never wait for a socket. Requests go straight to that urllib3
+pool: going through ``requests.Session``/``adapter.send`` costs about 0.3 ms
+of client CPU per request (request preparation, response wrapping, cookie
+handling NetHSM never uses), a tenth of a bridge request on a 2-core machine.
+
+Requests that are safe to repeat (sign, decrypt, reads) are retried with
+backoff on connection errors, 412, 429 and 5xx, round-robin over the
+instances that answer ``/health/ready``; requests that change state
+(generate, delete, import) are only sent to another instance when the first
+one could not be reached at all, never repeated after sending.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
+import urllib3
+import urllib3.exceptions as u3
 from requests.adapters import HTTPAdapter
 
 from ..errors import ConfigurationError, HSMError
 from ..uri import Secret
-from .errors import Call, from_response, from_transport, not_sent
+from .errors import Answer, Call, from_response, from_transport, not_sent, tls_refused
 
 log = logging.getLogger("hsmbridge.nethsm")
 
@@ -132,20 +140,44 @@ class _PoolAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
+PREFIX = "/api/v1"
+_USER_AGENT = "hsmbridge-nethsm"
+
+
 class Instance:
     """One NetHSM endpoint with its own connection pool and health state."""
 
     def __init__(self, host: str, port: int, tls: TLSConfig, maxsize: int) -> None:
         shown = f"[{host}]" if ":" in host else host
-        self.base = f"https://{shown}:{port}/api/v1"
+        self.base = f"https://{shown}:{port}{PREFIX}"
         self.where = f"NetHSM at {shown}:{port}"
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxies/netrc/CA overrides from the environment
         self.adapter = _PoolAdapter(tls.fingerprint, maxsize)
-        self.session.mount("https://", self.adapter)
+        # The pool requests would pick for this URL and TLS setting (CA file, pinning).
+        probe = requests.Request("GET", self.base).prepare()
+        self.pool = self.adapter.get_connection_with_tls_context(probe, tls.requests_verify())
         self.down_until = 0.0
         self.suspect = False
         self.probe_lock = threading.Lock()
+
+    def urlopen(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None, timeout: Any
+    ) -> Answer:
+        resp = self.pool.urlopen(
+            method,
+            PREFIX + path,
+            body=body,
+            headers=headers,
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=timeout,
+            preload_content=True,
+        )
+        wanted = {"retry-after": resp.headers.get("Retry-After")}
+        return Answer(resp.status, resp.data, {k: v for k, v in wanted.items() if v})
+
+    def close(self) -> None:
+        self.adapter.close()
 
     def __repr__(self) -> str:
         return f"<Instance {self.base}>"
@@ -175,7 +207,7 @@ class Client:
         self.retries = retries
         self.backoff = backoff
         self.tls = tls
-        self._verify = tls.requests_verify()
+        self._timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
         self.instances = [Instance(h, p, tls, max_connections) for h, p in hosts]
         self._rr = itertools.count()
         self._stats_lock = threading.Lock()
@@ -186,7 +218,7 @@ class Client:
 
     def close(self) -> None:
         for inst in self.instances:
-            inst.session.close()
+            inst.close()
 
     def _count(self, name: str) -> None:
         with self._stats_lock:
@@ -216,14 +248,11 @@ class Client:
             return False
         try:
             self._count("probes")
-            try:
-                resp = inst.session.get(
-                    inst.base + "/health/ready",
-                    timeout=(self.timeout[0], min(self.timeout[1], 5.0)),
-                    verify=self._verify,
-                )
-                ready = resp.status_code == 200
-            except requests.RequestException:
+            timeout = urllib3.Timeout(connect=self.timeout[0], read=min(self.timeout[1], 5.0))
+            headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+            try:  # a public endpoint: no credentials
+                ready = inst.urlopen("GET", "/health/ready", headers, None, timeout).status == 200
+            except (u3.HTTPError, OSError):
                 ready = False
             if ready:
                 inst.suspect = False
@@ -254,49 +283,50 @@ class Client:
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
         accept: str = "application/json",
-    ) -> requests.Response:
+    ) -> Answer:
         """Send one request, retrying and failing over per the policy; map errors."""
-        headers = {"Authorization": credential.header(), "Accept": accept}
+        headers = {
+            "Authorization": credential.header(),
+            "Accept": accept,
+            "User-Agent": _USER_AGENT,
+        }
         data: bytes | None = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
+        if params:
+            path = f"{path}?{urlencode(params)}"
         # Safe calls: retries + 1 attempts. Unsafe: each instance at most once, and
         # only while the request could not be sent.
         attempts = self.retries + 1 if call.safe else len(self.instances)
         error: HSMError | None = None
         for attempt in range(attempts):
             inst = self._pick()
-            prepared = requests.PreparedRequest()
-            prepared.prepare_method(method)
-            prepared.prepare_url(inst.base + path, params)
-            prepared.prepare_headers(headers)
-            prepared.prepare_body(data, None)
             self._count("requests")
             try:
-                resp = inst.adapter.send(prepared, timeout=self.timeout, verify=self._verify)
-            except requests.RequestException as exc:
+                answer = inst.urlopen(method, path, headers, data, self._timeout)
+            except (u3.HTTPError, OSError) as exc:
                 error = from_transport(exc, call, where=inst.where)
-                if isinstance(exc, requests.exceptions.SSLError):
+                if tls_refused(exc):
                     raise error from None  # a configuration or security problem: never retry
                 self._mark_down(inst)
                 if not (call.safe or not_sent(exc)):
                     raise error from None
-                log.info("%s failed on %s (%s); %s", call.what, inst.where, exc, "retrying")
-                delay = self._delay(attempt, inst, None)
+                log.info("%s failed on %s (%s); retrying", call.what, inst.where, exc)
+                delay = self._delay(attempt, None)
             else:
-                if resp.status_code < 400:
+                if answer.status < 400:
                     inst.suspect = False
-                    return resp
-                error = from_response(resp, call, user=credential.user, where=inst.where)
-                status = resp.status_code
+                    return answer
+                error = from_response(answer, call, user=credential.user, where=inst.where)
+                status = answer.status
                 retryable = status in RETRY_STATUSES if call.safe else status == 412
                 if not retryable:
                     raise error
                 if status == 412 or status >= 500:
                     self._mark_down(inst)
                 log.info("%s got HTTP %d from %s; retrying", call.what, status, inst.where)
-                delay = self._delay(attempt, inst, resp.headers.get("Retry-After"))
+                delay = self._delay(attempt, answer.headers.get("retry-after"))
             if attempt + 1 < attempts:
                 self._count("retries")
                 if len(self.instances) > 1 and self._others_up(inst):
@@ -306,7 +336,7 @@ class Client:
         assert error is not None
         raise error
 
-    def _delay(self, attempt: int, inst: Instance, retry_after: str | None) -> float:
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after is not None:
             try:
                 return min(MAX_BACKOFF, max(0.0, float(retry_after)))
@@ -316,23 +346,21 @@ class Client:
         return base * (0.5 + random.random() / 2)
 
     def get_json(self, path: str, call: Call, credential: Credential, **kw: Any) -> Any:
-        resp = self.request("GET", path, call, credential, **kw)
-        return _json(resp, call, resp.url or path)
+        return _json(self.request("GET", path, call, credential, **kw), call)
 
     def post_json(
         self, path: str, call: Call, credential: Credential, body: Mapping[str, Any]
     ) -> Any:
-        resp = self.request("POST", path, call, credential, body=body)
-        return _json(resp, call, resp.url or path)
+        return _json(self.request("POST", path, call, credential, body=body), call)
 
 
-def _json(resp: requests.Response, call: Call, where: str) -> Any:
+def _json(answer: Answer, call: Call) -> Any:
     try:
-        return json.loads(resp.content)
+        return answer.json()
     except ValueError:
         raise HSMError(
-            f"the NetHSM answered {call.what} with something that is not JSON ({where})",
-            status=resp.status_code,
+            f"the NetHSM answered {call.what} with something that is not JSON",
+            status=answer.status,
         ) from None
 
 

@@ -8,10 +8,12 @@ user names, hosts and key IDs do.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import requests
+import urllib3.exceptions as u3
 
 from ..errors import (
     AuthenticationError,
@@ -56,21 +58,33 @@ class Call:
     offers: str = ""  # what to use instead when the mechanism is refused
 
 
-def server_message(response: requests.Response) -> str:
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer: status, body and the headers hsmbridge reads."""
+
+    status: int
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+def server_message(answer: Answer) -> str:
     """The ``message`` of a NetHSM error body, or a short excerpt of whatever came."""
     try:
-        body = response.json()
+        body = answer.json()
         if isinstance(body, dict) and isinstance(body.get("message"), str):
             return str(body["message"])[:500]
     except ValueError:
         pass
-    return (response.text or response.reason or "").strip()[:200]
+    return answer.data.decode("utf-8", "replace").strip()[:200]
 
 
-def from_response(response: requests.Response, call: Call, *, user: str, where: str) -> HSMError:
+def from_response(answer: Answer, call: Call, *, user: str, where: str) -> HSMError:
     """The hsmbridge error for a NetHSM answer with an error status."""
-    status = response.status_code
-    said = server_message(response)
+    status = answer.status
+    said = server_message(answer)
     told = f" (NetHSM said: {said})" if said else ""
     if status == 401:
         return AuthenticationError(
@@ -142,10 +156,10 @@ def _bad_request(call: Call, said: str, told: str, where: str) -> HSMError:
     return InvalidInput(f"{where} refused the input for {call.what}{told}", status=400)
 
 
-def from_transport(exc: requests.RequestException, call: Call, *, where: str) -> HSMError:
-    """The hsmbridge error for a request that got no HTTP answer."""
+def from_transport(exc: Exception, call: Call, *, where: str) -> HSMError:
+    """The hsmbridge error for a request that got no HTTP answer (a urllib3 error)."""
     text = str(exc)
-    if isinstance(exc, requests.exceptions.SSLError):
+    if tls_refused(exc):
         if "Fingerprints did not match" in text:
             got = re.search(r'got "?([0-9a-fA-F:]+)"?', text)
             actual = f" (its SHA-256 is {got.group(1)})" if got else ""
@@ -158,7 +172,7 @@ def from_transport(exc: requests.RequestException, call: Call, *, where: str) ->
             f"TLS verification of {where} failed ({_short(text)}); pass ca=/path/to/ca.pem or "
             "fingerprint=sha256:HEX for a self-signed NetHSM certificate"
         )
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, u3.TimeoutError) and not isinstance(exc, u3.NewConnectionError):
         return HSMUnavailable(
             f"{where} did not answer {call.what} in time ({_short(text)}); "
             "check the network, or raise timeout="
@@ -166,7 +180,7 @@ def from_transport(exc: requests.RequestException, call: Call, *, where: str) ->
     unsent = (
         ""
         if call.safe or not_sent(exc)
-        else ("; the request may have reached the NetHSM: check the result before repeating it")
+        else "; the request may have reached the NetHSM: check the result before repeating it"
     )
     return HSMUnavailable(
         f"cannot reach {where} for {call.what} ({_short(text)}){unsent}; "
@@ -174,28 +188,25 @@ def from_transport(exc: requests.RequestException, call: Call, *, where: str) ->
     )
 
 
-def not_sent(exc: BaseException) -> bool:
-    """Whether a failure happened before the request could reach the server."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if isinstance(exc, requests.exceptions.SSLError):
-        return True
-    import urllib3.exceptions as u3
+_CERT_PROBLEM = re.compile(
+    r"Fingerprints did not match|certificate verify failed|CERTIFICATE_VERIFY_FAILED|"
+    r"doesn't match|not valid for",
+    re.IGNORECASE,
+)
 
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (u3.NewConnectionError, u3.ConnectTimeoutError)):
-            return True
-        reason = getattr(cur, "reason", None)
-        if isinstance(reason, BaseException):
-            cur = reason
-            continue
-        args = getattr(cur, "args", ())
-        nxt = args[0] if args and isinstance(args[0], BaseException) else None
-        cur = nxt or cur.__cause__ or cur.__context__
-    return False
+
+def tls_refused(exc: Exception) -> bool:
+    """Whether the server's certificate was refused (a setting or an attack, never retried)."""
+    return isinstance(exc, u3.SSLError) and bool(_CERT_PROBLEM.search(str(exc)))
+
+
+def not_sent(exc: Exception) -> bool:
+    """Whether a failure happened before the request could reach the server.
+
+    Connecting failed or timed out, or the certificate was refused during the
+    handshake: nothing of the request was written.
+    """
+    return isinstance(exc, u3.ConnectTimeoutError) or tls_refused(exc)
 
 
 def _short(text: str) -> str:
