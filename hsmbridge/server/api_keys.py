@@ -153,7 +153,7 @@ def _created(req: Req, key_id: str) -> Response:
 def generate(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mechanisms", "type"}, _GENERATE_FIELDS)
     key_type = body["type"]
-    if key_type not in keys.ALL_TYPES:
+    if not isinstance(key_type, str) or key_type not in keys.ALL_TYPES:
         raise bad_request(f"unknown key type {key_type!r}")
     spec = keys.spec_for(key_type, body.get("length"))
     mechanisms = keys.check_mechanisms(key_type, body["mechanisms"])
@@ -191,7 +191,7 @@ def _import_body(req: Req) -> tuple[str, importer.PrivateKey, list[str], dict[st
         return key_type, private, mechanisms, args
     body = req.json_object({"mechanisms", "type", "private"}, _IMPORT_FIELDS)
     key_type = body["type"]
-    if key_type not in keys.ALL_TYPES:
+    if not isinstance(key_type, str) or key_type not in keys.ALL_TYPES:
         raise bad_request(f"unknown key type {key_type!r}")
     mechanisms = keys.check_mechanisms(key_type, body["mechanisms"])
     return key_type, importer.from_json(key_type, body["private"]), mechanisms, body
