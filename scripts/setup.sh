@@ -22,7 +22,7 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 .venv/bin/python -m pip install -q -e ".$extras"
 # Build the native batch engine in place (the editable install does too; this
 # makes a missing compiler visible instead of silently using the fallback).
