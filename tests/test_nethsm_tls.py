@@ -11,7 +11,7 @@ import pytest
 from nethsm_fixtures import RecordingTLSServer, make_certificate
 
 import hsmbridge
-from hsmbridge import ConfigurationError
+from hsmbridge import ConfigurationError, HSMUnavailable
 from hsmbridge.nethsm import NetHSM
 
 PASSWORD = "s3cret-passphrase"
@@ -77,12 +77,15 @@ def test_ca_file_verifies_and_system_cas_refuse(
     assert srv.all_bytes == sent_before
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_verify_false_warns_and_connects(server: tuple[RecordingTLSServer, Path, str]) -> None:
     srv, _, _ = server
     with pytest.warns(UserWarning, match="verification of the NetHSM is disabled"):
         hsm = open_hsm(srv.port, "?verify=false")
     assert hsm.health() == "Operational"
     hsm.close()
+    with pytest.raises(HSMUnavailable, match="closed"):
+        hsm.health()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # pinning needs no warning even with chain checks off
         open_hsm(srv.port, fingerprint="00" * 32).close()

@@ -37,7 +37,7 @@ import urllib3
 import urllib3.exceptions as u3
 from requests.adapters import HTTPAdapter
 
-from ..errors import ConfigurationError, HSMError
+from ..errors import ConfigurationError, HSMError, HSMUnavailable
 from ..uri import Secret
 from .errors import Answer, Call, from_response, from_transport, not_sent, tls_refused
 
@@ -210,6 +210,7 @@ class Client:
         self._timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
         self.instances = [Instance(h, p, tls, max_connections) for h, p in hosts]
         self._rr = itertools.count()
+        self.closed = False
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failovers": 0, "probes": 0}
 
@@ -217,6 +218,7 @@ class Client:
         return ", ".join(i.where.removeprefix("NetHSM at ") for i in self.instances)
 
     def close(self) -> None:
+        self.closed = True
         for inst in self.instances:
             inst.close()
 
@@ -285,6 +287,10 @@ class Client:
         accept: str = "application/json",
     ) -> Answer:
         """Send one request, retrying and failing over per the policy; map errors."""
+        if self.closed:
+            raise HSMUnavailable(
+                f"this handle on {self.describe()} was closed; open the HSM again to use it"
+            )
         headers = {
             "Authorization": credential.header(),
             "Accept": accept,
