@@ -29,13 +29,14 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import requests
 import urllib3
 import urllib3.exceptions as u3
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool
 
 from ..errors import ConfigurationError, HSMError, HSMUnavailable
 from ..uri import Secret
@@ -154,7 +155,10 @@ class Instance:
         self.adapter = _PoolAdapter(tls.fingerprint, maxsize)
         # The pool requests would pick for this URL and TLS setting (CA file, pinning).
         probe = requests.Request("GET", self.base).prepare()
-        self.pool = self.adapter.get_connection_with_tls_context(probe, tls.requests_verify())
+        self.pool = cast(
+            HTTPConnectionPool,
+            self.adapter.get_connection_with_tls_context(probe, tls.requests_verify()),
+        )
         self.down_until = 0.0
         self.suspect = False
         self.probe_lock = threading.Lock()
