@@ -8,11 +8,14 @@ start, reuses it afterwards, and prints its SHA-256 fingerprint for pinning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,31 @@ def _uvicorn_config(app: Any, cert: Path, key: Path, threads: int, **kw: Any) ->
     )
 
 
+def _graceful_server(config: Any) -> Any:
+    """A uvicorn server whose SIGTERM/SIGINT end ``run()`` normally.
+
+    uvicorn re-raises the signal after its graceful shutdown, which would kill
+    the process before ``serve()`` closes the database and the HSM session.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
 def serve(
     hsm_uri: str,
     listen: str,
@@ -79,7 +107,6 @@ def serve(
 
     ``pin`` overrides the URI's PIN (else pin-value/pin-source/HSMBRIDGE_PIN).
     """
-    import uvicorn
 
     import hsmbridge
 
@@ -97,7 +124,8 @@ def serve(
         config = _uvicorn_config(
             build_app(bridge, threads), cert, key, threads, host=host, port=port
         )
-        uvicorn.Server(config).run()
+        _graceful_server(config).run()
+        print("hsmbridge serve: stopped", flush=True)
     finally:
         bridge.close()
         hsm.close()

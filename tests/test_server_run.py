@@ -1,0 +1,108 @@
+"""``serve()`` as its own process: self-signed certificate made once and reused,
+fingerprint printed, state kept across restarts, graceful exit on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from hsmbridge.server.testing import TIMEOUT
+from hsmbridge.server.tls import fingerprint
+from hsmbridge.testing import SoftToken
+
+SERVE = (
+    "import sys; from hsmbridge.server.run import serve; "
+    "serve(sys.argv[1], sys.argv[2], sys.argv[3])"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _session(cert: Path) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = str(cert)
+    return s
+
+
+def _run(token: SoftToken, state: Path) -> str:
+    """Start serve(), wait until it answers, exercise it, SIGTERM it; return its output."""
+    port = _free_port()
+    env = {"PATH": "/usr/bin:/bin", **token.env(), "HSMBRIDGE_PIN": token.pin}
+    cmd = [sys.executable, "-c", SERVE, token.uri, f"127.0.0.1:{port}", str(state)]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"https://127.0.0.1:{port}/api/v1"
+    cert = state / "tls-cert.pem"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate(timeout=5)[0].decode()
+            assert time.monotonic() < deadline, "serve() did not come up"
+            if cert.exists():
+                try:
+                    with _session(cert) as s:
+                        s.get(f"{url}/health/state", timeout=2)
+                    break
+                except requests.RequestException:
+                    pass
+            time.sleep(0.1)
+        _exercise(url, cert)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            out, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("serve() did not stop on SIGTERM")
+    assert process.returncode == 0, out.decode()  # graceful: serve() returned, cleanup ran
+    assert "hsmbridge serve: stopped" in out.decode()
+    return out.decode()
+
+
+_results: list[dict[str, object]] = []
+
+
+def _exercise(url: str, cert: Path) -> None:
+    with _session(cert) as s:
+        state = s.get(f"{url}/health/state", timeout=TIMEOUT).json()["state"]
+        _results.append({"state": state})
+        if state == "Unprovisioned":
+            r = s.post(
+                f"{url}/provision",
+                json={
+                    "unlockPassphrase": "run-unlock-passphrase",
+                    "adminPassphrase": "run-admin-passphrase",
+                    "systemTime": "2026-01-01T00:00:00Z",
+                },
+                timeout=TIMEOUT,
+            )
+            assert r.status_code == 204, r.text
+        else:
+            r = s.post(f"{url}/unlock", json={"passphrase": "run-unlock-passphrase"}, timeout=10)
+            assert r.status_code == 204, r.text
+            r = s.get(f"{url}/users", auth=("admin", "run-admin-passphrase"), timeout=10)
+            assert r.json() == [{"user": "admin"}]
+
+
+def test_serve_process_restart_and_sigterm(softhsm_token: SoftToken, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _results.clear()
+    first = _run(softhsm_token, state)
+    cert = state / "tls-cert.pem"
+    print_fp = fingerprint(cert)
+    assert print_fp in first  # printed for pinning
+    assert (state / "tls-key.pem").stat().st_mode & 0o077 == 0  # key readable by owner only
+    second = _run(softhsm_token, state)
+    assert fingerprint(cert) == print_fp and print_fp in second  # reused, not remade
+    assert [r["state"] for r in _results] == ["Unprovisioned", "Locked"]
