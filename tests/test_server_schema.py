@@ -10,7 +10,6 @@ headers as documented.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,9 +75,11 @@ def _role(operation: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(pkcs11_hsm: hsmbridge.HSM) -> Iterator[tuple[BridgeServer, dict[str, Any]]]:
+def fuzz_server(
+    pkcs11_hsm: hsmbridge.HSM, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[BridgeServer, dict[str, Any]]]:
     """A provisioned server of its own, with one key of each kind to aim at."""
-    directory = Path(tempfile.mkdtemp(prefix="hsmbridge-fuzz-"))
+    directory = tmp_path_factory.mktemp("hsmbridge-fuzz")
     bridge = start_bridge(pkcs11_hsm, directory, True)
     bridge.server.bridge.creds.delay = 0.0  # fuzzed credentials must not throttle the run
     sessions = {role: bridge.session(getattr(bridge, role)) for role in ("admin", "operator")}
