@@ -346,7 +346,12 @@ class Pkcs11Key(Key):
             assert mech.hash_name is not None
             algorithm = hashes.Hash(getattr(hashes, mech.hash_name.upper())()).algorithm
             probe = os.urandom(16)
-            ciphertext = pub.encrypt(probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
+            try:
+                ciphertext = pub.encrypt(
+                    probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None)
+                )
+            except ValueError:
+                continue  # the key is too small for this hash; no verdict
             ckm, param = rsa.mechanism(mech)
             try:
                 with hsm.pool.session() as pooled:
