@@ -10,6 +10,8 @@ headers as documented.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,10 +78,12 @@ def _role(operation: Any) -> str:
 
 @pytest.fixture(scope="module")
 def fuzz_server(
-    pkcs11_hsm: hsmbridge.HSM, tmp_path_factory: pytest.TempPathFactory
+    pkcs11_hsm: hsmbridge.HSM,
 ) -> Iterator[tuple[BridgeServer, dict[str, Any]]]:
     """A provisioned server of its own, with one key of each kind to aim at."""
-    directory = tmp_path_factory.mktemp("hsmbridge-fuzz")
+    # Not tmp_path_factory: child processes that run pytest themselves can prune
+    # this run's base temp directory (pytest keeps only the newest three).
+    directory = Path(tempfile.mkdtemp(prefix="hsmbridge-fuzz-"))
     bridge = start_bridge(pkcs11_hsm, directory, True)
     bridge.server.bridge.creds.delay = 0.0  # fuzzed credentials must not throttle the run
     sessions = {role: bridge.session(getattr(bridge, role)) for role in ("admin", "operator")}
@@ -100,6 +104,7 @@ def fuzz_server(
         for s in sessions.values():
             s.close()
         bridge.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @SCHEMA.parametrize()  # type: ignore[untyped-decorator,misc]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -30,6 +32,8 @@ from .errormap import SESSION_BROKEN, exception_for_rv, translate
 from .module import LoadedModule, load_module, load_native
 from .pool import PooledSession, SessionPool
 from .templates import key_pair_templates
+
+log = logging.getLogger("hsmbridge.pkcs11")
 
 
 def _select_token(module: LoadedModule, uri: Pkcs11URI) -> Any:
@@ -97,6 +101,9 @@ class Pkcs11HSM(HSM):
                 "reinstall hsmbridge with a C compiler available"
             )
         self._supported: list[Mechanism] | None = None
+        self._copies: dict[int, int] = {}  # token key handle -> session copy handle
+        self._copy_objects: dict[int, Any] = {}
+        self._copies_lock = threading.Lock()
         self._rejected: set[Mechanism] = set()  # listed, but the token refused the parameters
         self._confirmed: set[Mechanism] = set()  # parameters the token has accepted
 
@@ -178,7 +185,8 @@ class Pkcs11HSM(HSM):
             return self._infos(session)
 
     def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
-        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, **template}
+        # CKA_TOKEN: never return the session-object copies made for batches.
+        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.TOKEN: True, **template}
         try:
             return [
                 o for o in session.get_objects(template) if o.key_type in (KeyType.RSA, KeyType.EC)
@@ -257,7 +265,49 @@ class Pkcs11HSM(HSM):
             + (", ".join(offered) or "nothing of this kind")
         )
 
+    def session_copy(self, key: Pkcs11Key) -> int:
+        """Handle of a session-object copy of ``key``'s private half, made once.
+
+        SoftHSM2 re-checks a token object's files on every use; a copy with
+        CKA_TOKEN=false skips that (design.md fact 5; measured: ECDSA P-256
+        CPU per signature 77 -> 66 us, RSA unchanged). The copy lives in the
+        logged-in admin session, has no label or id, is excluded from every
+        search, and is destroyed with the key or when this handle closes.
+        Modules that refuse the copy (or keys that are not modifiable) keep
+        using the token object.
+        """
+        with self._copies_lock:
+            if key.handle not in self._copies:
+                self._copies[key.handle] = self._make_copy(key)
+            return self._copies[key.handle]
+
+    def _make_copy(self, key: Pkcs11Key) -> int:
+        try:
+            with self.pool.admin() as session:
+                obj = key._object_in(session)
+                copy = obj.copy({Attribute.TOKEN: False, Attribute.LABEL: "", Attribute.ID: b""})
+                self._copy_objects[int(copy.handle)] = copy
+                return int(copy.handle)
+        except (p11x.PKCS11Error, HSMError) as exc:
+            log.info("no session copy of key %r (%s); using the token object", key.label, exc)
+            return key.handle
+
+    def drop_session_copy(self, key: Pkcs11Key) -> None:
+        with self._copies_lock:
+            handle = self._copies.pop(key.handle, None)
+            copy = self._copy_objects.pop(handle, None) if handle is not None else None
+        if copy is not None:
+            with contextlib.suppress(Exception), self.pool.admin():
+                copy.destroy()
+
     def close(self) -> None:
+        with self._copies_lock:
+            copies = list(self._copy_objects.values())
+            self._copies.clear()
+            self._copy_objects.clear()
+        for copy in copies:
+            with contextlib.suppress(Exception), self.pool.admin():
+                copy.destroy()
         self.pool.close()
 
 
@@ -291,7 +341,10 @@ class Pkcs11Key(Key):
 
     def _object_in(self, session: Any) -> Any:
         """This key's private object as seen through ``session`` (same handle)."""
-        template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.TOKEN: True,
+        }
         if self.info.id:
             template[Attribute.ID] = bytes.fromhex(self.info.id)
         for obj in session.get_objects(template):
@@ -425,7 +478,7 @@ class Pkcs11Key(Key):
                 self.hsm.module.path,
                 0 if op == "sign" else 1,
                 [s.handle for s in sessions],
-                self.handle,
+                self.hsm.session_copy(self),
                 int(ckm),
                 param,
                 list(items),
@@ -455,6 +508,7 @@ class Pkcs11Key(Key):
         return min(self.hsm.pool.max_workers, os.cpu_count() or 1)
 
     def _delete(self) -> None:
+        self.hsm.drop_session_copy(self)
         with self.hsm.pool.admin() as session:
             priv = self._object_in(session)
             pub = self.hsm._public_object(priv)

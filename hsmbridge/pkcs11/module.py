@@ -151,7 +151,7 @@ def _reinitialise_with_os_locking(path: str) -> bool:
 def load_native() -> Any:
     """The C batch engine (hsmbridge._native), or None when it was not built."""
     try:
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
     except ImportError:
         return None
     return _native

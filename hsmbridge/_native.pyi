@@ -1,0 +1,21 @@
+"""Type stub for the optional C batch engine built from native/batch.c."""
+
+import os
+from collections.abc import Sequence
+
+OP_SIGN: int
+OP_DECRYPT: int
+MAX_SESSIONS: int
+MAX_OUT_LEN: int
+
+def run_batch(
+    module_path: str | bytes | os.PathLike[str],
+    op: int,
+    sessions: Sequence[int],
+    key_handle: int,
+    mechanism: int,
+    param: tuple[object, ...] | None,
+    inputs: Sequence[bytes | bytearray | memoryview],
+    out_len: int,
+    stop_on_error: bool = False,
+) -> list[bytes | int | None]: ...
