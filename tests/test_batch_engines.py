@@ -3,12 +3,14 @@ results, keep the pool healthy, and stream in bounded memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 
+import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -152,3 +154,29 @@ def test_one_million_messages_stream_in_bounded_memory(softhsm_token: SoftToken)
     count, base_kb, peak_kb = map(int, r.stdout.split())
     assert count == 1_000_000
     assert (peak_kb - base_kb) < 50 * 1024, f"peak RSS grew {(peak_kb - base_kb) / 1024:.1f} MB"
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_broken_session_is_replaced(
+    engines: dict[str, Pkcs11HSM], rsa_keys: dict[str, Pkcs11Key], engine: str
+) -> None:
+    """Close pooled sessions behind the pool's back: the next operations still work."""
+    hsm = engines[engine]
+    key = rsa_keys[engine]
+    pub = key.public_key()
+    assert isinstance(pub, rsa.RSAPublicKey)
+    key.sign_batch([b"warm", b"up"], "rsa-pkcs1-sha256", threads=2)  # sessions now pooled
+    idle = list(hsm.pool._idle)
+    assert idle
+    for pooled in idle:
+        pooled.session.close()  # C_CloseSession: the pool still holds the dead handles
+    sig = key.sign(b"after", "rsa-pkcs1-sha256")  # single path: replaced and retried
+    pub.verify(sig, b"after", padding.PKCS1v15(), hashes.SHA256())
+    key.sign_batch([b"warm", b"up"], "rsa-pkcs1-sha256", threads=2)
+    for pooled in list(hsm.pool._idle):
+        with contextlib.suppress(p11x.SessionHandleInvalid):  # some may be dead already
+            pooled.session.close()
+    # Items that ran on a dead session are repeated on fresh ones: the batch is whole.
+    sigs = key.sign_batch([b"y%d" % i for i in range(50)], "rsa-pkcs1-sha256", threads=2)
+    for i, sig in enumerate(sigs):
+        pub.verify(sig, b"y%d" % i, padding.PKCS1v15(), hashes.SHA256())

@@ -426,28 +426,44 @@ class Pkcs11Key(Key):
         ckm, param = self._pkcs11_mechanism(mech)
         pooled = self.hsm.pool.acquire()
         try:
-            obj = self._bound_object(pooled)
-            call = obj.sign if op == "sign" else obj.decrypt
+            bound = [self._bound_object(pooled)]
 
             def operate(data: bytes) -> bytes:
-                try:
-                    return bytes(call(data, mechanism=ckm, mechanism_param=param))
-                except p11x.PKCS11Error as exc:
-                    pooled.broken = pooled.broken or isinstance(exc, SESSION_BROKEN)
-                    raise self._op_error(exc, op, mech) from None
+                for attempt in (1, 2):
+                    obj = bound[0]
+                    try:
+                        call = obj.sign if op == "sign" else obj.decrypt
+                        return bytes(call(data, mechanism=ckm, mechanism_param=param))
+                    except SESSION_BROKEN as exc:
+                        # Sign and decrypt are safe to repeat: replace the session, retry once.
+                        if attempt == 2 or not self.hsm.pool.reopen(pooled):
+                            pooled.broken = True
+                            raise self._op_error(exc, op, mech) from None
+                        log.warning("PKCS#11 session broke (%s); replaced", type(exc).__name__)
+                        bound[0] = self._bound_object(pooled)
+                    except p11x.PKCS11Error as exc:
+                        raise self._op_error(exc, op, mech) from None
+                raise AssertionError("unreachable")
 
             yield operate
         finally:
             self.hsm.pool.release(pooled)
 
     def _bound_object(self, pooled: PooledSession) -> Any:
+        """The key's object in this worker session (looked up once per session).
+
+        A session found dead here is replaced once before giving up.
+        """
         obj = pooled.objects.get(self.handle)
-        if obj is None:
+        for attempt in (1, 2):
+            if obj is not None:
+                break
             try:
                 obj = pooled.objects[self.handle] = self._object_in(pooled.session)
             except SESSION_BROKEN as exc:
-                pooled.broken = True
-                raise translate(exc, what="finding the key", key=self.label) from None
+                if attempt == 2 or not self.hsm.pool.reopen(pooled):
+                    pooled.broken = True
+                    raise translate(exc, what="finding the key", key=self.label) from None
         return obj
 
     def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
@@ -486,7 +502,8 @@ class Pkcs11Key(Key):
                 not return_exceptions,
             )
             results: list[Any] = []  # None marks items a stopped batch never attempted
-            for out in raw:
+            redo: list[int] = []  # items lost to a broken session, safe to repeat
+            for i, out in enumerate(raw):
                 if out is None or isinstance(out, bytes):
                     results.append(out)
                     continue
@@ -494,10 +511,17 @@ class Pkcs11Key(Key):
                 if isinstance(exc, SESSION_BROKEN):
                     for s in sessions:  # which session broke is unknown: replace all
                         s.broken = True
+                    redo.append(i)
                 results.append(self._op_error(exc, op, mech))
         finally:
             for s in sessions:
                 self.hsm.pool.release(s)
+        if redo:
+            redo += [i for i, r in enumerate(results) if r is None]
+            log.warning("PKCS#11 sessions broke in a batch; repeating %d items", len(redo))
+            again = super()._run_prepared(op, mech, [items[i] for i in redo], threads, True)
+            for i, r in zip(redo, again, strict=True):
+                results[i] = r
         if not return_exceptions:
             for i, r in enumerate(results):
                 if isinstance(r, HSMError):

@@ -160,6 +160,17 @@ class SessionPool:
                 self._cond.notify()
             raise translate(exc, what="opening a worker session") from None
 
+    def reopen(self, pooled: PooledSession) -> bool:
+        """Replace a broken worker session in place; False if no new one opens."""
+        with contextlib.suppress(Exception):
+            pooled.session.close()
+        try:
+            pooled.session = self._token.open()
+        except Exception:
+            return False
+        pooled.objects.clear()
+        return True
+
     def release(self, pooled: PooledSession) -> None:
         with self._cond:
             if pooled.broken or self._closed:
