@@ -18,4 +18,5 @@ def run_batch(
     inputs: Sequence[bytes | bytearray | memoryview],
     out_len: int,
     stop_on_error: bool = False,
+    ecdsa_der: bool = False,
 ) -> list[bytes | int | None]: ...

@@ -196,9 +196,17 @@ class Key(abc.ABC):
         items: Sequence[bytes],
         threads: int,
         return_exceptions: bool,
+        *,
+        ecdsa_der: bool = False,
     ) -> list[bytes | HSMError]:
-        """Run many prepared operations; backends with a faster engine override this."""
-        return run_batch(lambda: self._batch_worker(op, mech), items, threads, return_exceptions)
+        """Run many prepared operations; backends with a faster engine override this.
+
+        With ``ecdsa_der`` the ECDSA signatures come back DER-encoded, else r‖s.
+        """
+        out = run_batch(lambda: self._batch_worker(op, mech), items, threads, return_exceptions)
+        if ecdsa_der:
+            return [r if isinstance(r, HSMError) else ecdsa_raw_to_der(r) for r in out]
+        return out
 
     @abc.abstractmethod
     def _delete(self) -> None:
@@ -316,10 +324,10 @@ class Key(abc.ABC):
                 if not return_exceptions:
                     raise _single_or_batch(exc, len(prepared)) from None
                 prepared.append(exc)
-        results = self._run_with_input_errors("sign", mech, prepared, threads, return_exceptions)
-        if mech.family == "ecdsa" and signature_format == "der":
-            return [r if isinstance(r, HSMError) else ecdsa_raw_to_der(r) for r in results]
-        return results
+        der = mech.family == "ecdsa" and signature_format == "der"
+        return self._run_with_input_errors(
+            "sign", mech, prepared, threads, return_exceptions, ecdsa_der=der
+        )
 
     def _decrypt_batch(
         self,
@@ -355,13 +363,22 @@ class Key(abc.ABC):
         items: list[bytes | HSMError],
         threads: int | None,
         return_exceptions: bool,
+        *,
+        ecdsa_der: bool = False,
     ) -> list[bytes | HSMError]:
         """Run the valid items; keep input errors in their places."""
         valid_idx = [i for i, it in enumerate(items) if not isinstance(it, HSMError)]
         valid = [items[i] for i in valid_idx]
         n_threads = max(1, min(threads or self._default_threads(), len(valid) or 1))
         try:
-            out = self._run_prepared(op, mech, valid, n_threads, return_exceptions)  # type: ignore[arg-type]
+            out = self._run_prepared(
+                op,
+                mech,
+                valid,  # type: ignore[arg-type]
+                n_threads,
+                return_exceptions,
+                ecdsa_der=ecdsa_der,
+            )
         except HSMError as exc:
             raise _remap_index(exc, valid_idx, len(items)) from None
         results: list[bytes | HSMError] = list(items)

@@ -175,6 +175,7 @@ typedef struct {
     size_t n;
     CK_ULONG out_len;
     int stop_on_error;
+    int ecdsa_der;
     atomic_size_t next;
     atomic_int stop;
     item_result *results;
@@ -220,6 +221,45 @@ finish_active(const batch_t *b, CK_SESSION_HANDLE session)
             return;
         cap = len > cap ? len : cap * 4;
     }
+}
+
+/*
+ * ECDSA r||s (what PKCS#11 returns) to the DER SEQUENCE of two INTEGERs that
+ * X.509 and OpenSSL expect. Done here, outside the GIL, because on the hot
+ * path it costs more in Python than the rest of the per-item work together.
+ * out must hold len + 9 bytes; returns the DER length, 0 if len is unusable.
+ */
+static size_t
+der_integer(const unsigned char *v, size_t n, unsigned char *out)
+{
+    while (n > 1 && v[0] == 0) {
+        v++;
+        n--;
+    }
+    size_t pad = (v[0] & 0x80) ? 1 : 0;
+    out[0] = 0x02;
+    out[1] = (unsigned char)(n + pad);
+    out[2] = 0;
+    memcpy(out + 2 + pad, v, n);
+    return 2 + pad + n;
+}
+
+static size_t
+ecdsa_raw_to_der(const unsigned char *raw, size_t len, unsigned char *out)
+{
+    if (len == 0 || len % 2 != 0 || len > 2 * 100)
+        return 0;
+    unsigned char body[2 * (100 + 3)];
+    size_t half = len / 2;
+    size_t n = der_integer(raw, half, body);
+    n += der_integer(raw + half, half, body + n);
+    size_t h = 0;
+    out[h++] = 0x30;
+    if (n >= 0x80)
+        out[h++] = 0x81;
+    out[h++] = (unsigned char)n;
+    memcpy(out + h, body, n);
+    return h + n;
 }
 
 /* One item: exactly one Init and one C_Sign/C_Decrypt (a second one only when
@@ -274,7 +314,18 @@ run_one(const batch_t *b, CK_SESSION_HANDLE session, CK_MECHANISM *mech,
         set_error(r, CKR_GENERAL_ERROR);
         return;
     }
-    if (big != NULL) {
+    if (b->ecdsa_der) {
+        unsigned char *der = malloc(len + 9);
+        size_t der_len = der != NULL ? ecdsa_raw_to_der(buf, len, der) : 0;
+        free(big);
+        if (der_len == 0) {
+            free(der);
+            set_error(r, der == NULL ? CKR_HOST_MEMORY : CKR_GENERAL_ERROR);
+            return;
+        }
+        r->out = der;
+        len = der_len;
+    } else if (big != NULL) {
         r->out = big;
     } else {
         r->out = malloc(len ? len : 1);
@@ -477,7 +528,7 @@ fail:
 
 PyDoc_STRVAR(run_batch_doc,
 "run_batch(module_path, op, sessions, key_handle, mechanism, param, inputs, out_len,\n"
-"          stop_on_error=False) -> list[bytes | int | None]\n"
+"          stop_on_error=False, ecdsa_der=False) -> list[bytes | int | None]\n"
 "\n"
 "Sign (op=0: C_SignInit + C_Sign) or decrypt (op=1: C_DecryptInit + C_Decrypt)\n"
 "every input with one private key, one native thread per session, the GIL\n"
@@ -491,6 +542,7 @@ PyDoc_STRVAR(run_batch_doc,
 "inputs: bytes-like items (digest/DigestInfo to sign, ciphertext to decrypt).\n"
 "out_len: output buffer per item (modulus bytes for RSA, 2*field bytes for ECDSA).\n"
 "stop_on_error: once an item fails, take no new items.\n"
+"ecdsa_der: encode each output (ECDSA r||s) as a DER signature.\n"
 "\n"
 "Returns a list in input order: bytes (the output), int (the CK_RV of a failed\n"
 "item) or None (not attempted because stop_on_error stopped the batch).");
@@ -499,12 +551,14 @@ static PyObject *
 run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"module_path", "op",     "sessions", "key_handle",    "mechanism",
-                             "param",       "inputs", "out_len",  "stop_on_error", NULL};
+                             "param",       "inputs", "out_len",  "stop_on_error", "ecdsa_der",
+                             NULL};
     PyObject *path_bytes = NULL;
     int op;
     PyObject *sessions_obj, *key_obj, *mech_obj, *param_obj, *inputs_obj;
     Py_ssize_t out_len;
     int stop_on_error = 0;
+    int ecdsa_der = 0;
 
     PyObject *sessions_seq = NULL, *inputs_seq = NULL, *result = NULL;
     CK_SESSION_HANDLE *sessions = NULL;
@@ -517,10 +571,10 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     batch_t *b = NULL;
 
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|p:run_batch", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|pp:run_batch", kwlist,
                                      PyUnicode_FSConverter, &path_bytes, &op, &sessions_obj,
                                      &key_obj, &mech_obj, &param_obj, &inputs_obj, &out_len,
-                                     &stop_on_error))
+                                     &stop_on_error, &ecdsa_der))
         return NULL;
 
     b = PyMem_Calloc(1, sizeof(batch_t));
@@ -540,6 +594,7 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     b->out_len = (CK_ULONG)out_len;
     b->stop_on_error = stop_on_error;
+    b->ecdsa_der = ecdsa_der;
 
     if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
         goto done;

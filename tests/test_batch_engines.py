@@ -180,3 +180,28 @@ def test_a_broken_session_is_replaced(
     sigs = key.sign_batch([b"y%d" % i for i in range(50)], "rsa-pkcs1-sha256", threads=2)
     for i, sig in enumerate(sigs):
         pub.verify(sig, b"y%d" % i, padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.mark.parametrize("curve", ["P-256", "P-384", "P-521"])
+def test_native_der_encoding_of_ecdsa(
+    engines: dict[str, Pkcs11HSM], unique_label: str, curve: str
+) -> None:
+    """The native engine's DER encoding matches the Python one and verifies."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from hsmbridge.mechanisms import ecdsa_raw_to_der
+
+    key = engines["native"].generate_key(EC(curve), label=unique_label)
+    try:
+        pub = key.public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        messages = [os.urandom(16) for _ in range(400)]  # ~1/256 with a short r or s
+        mech = {"P-256": "ecdsa-sha256", "P-384": "ecdsa-sha384", "P-521": "ecdsa-sha512"}[curve]
+        algo = {"P-256": hashes.SHA256(), "P-384": hashes.SHA384(), "P-521": hashes.SHA512()}
+        for msg, der in zip(messages, key.sign_batch(messages, mech), strict=True):
+            pub.verify(der, msg, ec.ECDSA(algo[curve]))
+            r, s = decode_dss_signature(der)
+            size = (pub.curve.key_size + 7) // 8
+            assert ecdsa_raw_to_der(r.to_bytes(size, "big") + s.to_bytes(size, "big")) == der
+    finally:
+        key.delete()

@@ -514,10 +514,14 @@ class NetHSMKey(Key):
         items: Sequence[bytes],
         threads: int,
         return_exceptions: bool,
+        *,
+        ecdsa_der: bool = False,
     ) -> list[bytes | HSMError]:
         # More threads than pooled connections would only queue on sockets.
         limit = self.hsm.client.max_connections * len(self.hsm.client.instances)
-        return super()._run_prepared(op, mech, items, min(threads, limit), return_exceptions)
+        return super()._run_prepared(
+            op, mech, items, min(threads, limit), return_exceptions, ecdsa_der=ecdsa_der
+        )
 
     def _default_threads(self) -> int:
         client = self.hsm.client

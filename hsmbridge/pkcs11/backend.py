@@ -480,11 +480,15 @@ class Pkcs11Key(Key):
         items: Sequence[bytes],
         threads: int,
         return_exceptions: bool,
+        *,
+        ecdsa_der: bool = False,
     ) -> list[bytes | HSMError]:
         """Batches of two or more go to the native engine when it is built."""
         engine = self.hsm.native
         if engine is None or len(items) < 2:
-            return super()._run_prepared(op, mech, items, threads, return_exceptions)
+            return super()._run_prepared(
+                op, mech, items, threads, return_exceptions, ecdsa_der=ecdsa_der
+            )
         self._check_usage(op)
         ckm, _ = self._pkcs11_mechanism(mech)
         param = rsa.native_param(mech) if isinstance(self.spec, RSA) else None
@@ -500,6 +504,7 @@ class Pkcs11Key(Key):
                 list(items),
                 self._output_length(),
                 not return_exceptions,
+                ecdsa_der,
             )
             results: list[Any] = []  # None marks items a stopped batch never attempted
             redo: list[int] = []  # items lost to a broken session, safe to repeat
@@ -519,7 +524,9 @@ class Pkcs11Key(Key):
         if redo:
             redo += [i for i, r in enumerate(results) if r is None]
             log.warning("PKCS#11 sessions broke in a batch; repeating %d items", len(redo))
-            again = super()._run_prepared(op, mech, [items[i] for i in redo], threads, True)
+            again = super()._run_prepared(
+                op, mech, [items[i] for i in redo], threads, True, ecdsa_der=ecdsa_der
+            )
             for i, r in zip(redo, again, strict=True):
                 results[i] = r
         if not return_exceptions:
