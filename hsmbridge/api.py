@@ -129,6 +129,15 @@ def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozens
     return frozenset(items)
 
 
+def check_new_key(spec: KeySpec, label: str, usage: Iterable[str] | str | None) -> frozenset[str]:
+    """What every backend checks before generating: spec, label, usage (returned)."""
+    if not isinstance(spec, (RSA, EC)):
+        raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+    if not label or not isinstance(label, str):
+        raise InvalidInput("a key needs a non-empty label")
+    return normalize_usage(usage, spec)
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """What a key is, without touching it: label, id, type, size, usage."""

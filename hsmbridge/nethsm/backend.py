@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
+from ..api import EC, HSM, Key, KeyInfo, KeySpec, check_new_key
 from ..batch import BatchWorker, Operation
 from ..errors import (
     AmbiguousKey,
@@ -178,8 +178,6 @@ class NetHSM(HSM):
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
     ) -> NetHSMKey:
-        if not isinstance(spec, (RSA, EC)):
-            raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
         uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
         body: dict[str, Any] = {"mechanisms": mechanisms, **keys.key_type_body(spec)}
         if kid is not None:
@@ -233,9 +231,7 @@ class NetHSM(HSM):
         The label doubles as the key ID when it is a valid one, so the key is
         found by label even on a NetHSM without labels (before 5.0).
         """
-        if not label or not isinstance(label, str):
-            raise InvalidInput("a key needs a non-empty label")
-        uses = normalize_usage(usage, spec)
+        uses = check_new_key(spec, label, usage)
         kid = keys.check_key_id(key_id) if key_id is not None else None
         if kid is None and keys.is_key_id(label):
             kid = label

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag
 
-from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, normalize_usage
+from ..api import EC, HSM, RSA, Key, KeyInfo, KeySpec, check_new_key
 from ..batch import BatchWorker, Operation
 from ..errors import (
     AmbiguousKey,
@@ -117,11 +117,7 @@ class Pkcs11HSM(HSM):
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
     ) -> Pkcs11Key:
-        if not isinstance(spec, (RSA, EC)):
-            raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
-        if not label or not isinstance(label, str):
-            raise InvalidInput("a key needs a non-empty label")
-        uses = normalize_usage(usage, spec)
+        uses = check_new_key(spec, label, usage)
         try:
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
