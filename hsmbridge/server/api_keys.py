@@ -266,8 +266,7 @@ def move(b: Bridge, req: Req) -> Response:
         raise bad_request("newId must be a string")
     check_id(new_id, "newId")
     rec = b.key_record(old_id)
-    b.store.flush_operations()
-    with b.store.transaction() as tx:
+    with b.store.transaction() as tx:  # uses not yet written follow the backend id
         if Store.exists_key(tx, new_id):
             raise ApiError(409, f"a key with the ID {new_id} already exists")
         current = tx.execute("SELECT operations FROM keys WHERE id=?", (old_id,)).fetchone()
@@ -344,7 +343,8 @@ def delete_cert(b: Bridge, req: Req) -> Response:
 
 
 def _usable(b: Bridge, req: Req) -> tuple[KeyRecord, Key]:
-    rec = b.key_record(req.path["KeyID"])
+    """The key's shared cached record (read only) and its backend key, for crypto."""
+    rec = b.key_for_use(req.path["KeyID"])
     b.check_tags(req.user, rec)
     return rec, b.backend_key(rec)
 
@@ -354,7 +354,7 @@ def sign(b: Bridge, req: Req) -> Response:
     rec, key = _usable(b, req)
     message = keys.unb64(body["message"], "message")
     signature = keys.sign(key, rec.id, rec.mechanisms, str(body["mode"]), message)
-    b.store.count_operation(rec.id)
+    b.store.count_operation(rec)
     return JSONResponse({"signature": keys.b64(signature)})
 
 
@@ -363,7 +363,7 @@ def decrypt(b: Bridge, req: Req) -> Response:
     rec, key = _usable(b, req)
     data = keys.unb64(body["encrypted"], "encrypted")
     plaintext = keys.decrypt(key, rec.id, rec.mechanisms, str(body["mode"]), data)
-    b.store.count_operation(rec.id)
+    b.store.count_operation(rec)
     return JSONResponse({"decrypted": keys.b64(plaintext)})
 
 

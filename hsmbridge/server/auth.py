@@ -68,6 +68,7 @@ class CredentialCache:
 
     An entry is bound to the stored hash it was verified against, so a changed
     passphrase or a recreated user invalidates it without any bookkeeping.
+    Lookups take no lock (a dict read is atomic); only writers serialise.
     """
 
     def __init__(self, delay: float = FAILED_LOGIN_DELAY) -> None:
@@ -83,8 +84,7 @@ class CredentialCache:
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def known(self, user: str, passphrase: str, stored_hash: str) -> bool:
-        with self._lock:
-            entry = self._verified.get(user)
+        entry = self._verified.get(user)
         return (
             entry is not None
             and entry[1] == stored_hash
@@ -97,8 +97,7 @@ class CredentialCache:
             self._verified[user] = (mac, stored_hash)
 
     def check_rate(self, client: str, user: str) -> None:
-        with self._lock:
-            last = self._failed.get((client, user))
+        last = self._failed.get((client, user))
         if last is not None and time.monotonic() - last < self.delay:
             raise ApiError(
                 429,

@@ -159,16 +159,27 @@ class Bridge:
     # -- keys ------------------------------------------------------------------------
 
     def key_record(self, key_id: str) -> KeyRecord:
+        """A private copy of the key's record (404 if there is none), to change or report."""
         check_id(key_id)
         rec = self.store.get_key(key_id)
         if rec is None:
             raise not_found(f"key {key_id}")
         return rec
 
+    def key_for_use(self, key_id: str) -> KeyRecord:
+        """The key's shared cached record (404 if there is none); never change it."""
+        rec = self.store.key_for_use(key_id)  # a cached id was valid when it was stored
+        if rec is None:
+            check_id(key_id)
+            raise not_found(f"key {key_id}")
+        return rec
+
     def backend_key(self, rec: KeyRecord) -> Key:
-        """The hsmbridge key behind a record (looked up once, then cached)."""
-        with self._keys_lock:
-            key = self._keys.get(rec.backend_id)
+        """The hsmbridge key behind a record (looked up once, then cached by backend id).
+
+        Moving a key keeps its backend id; deleting it drops the entry (:meth:`forget_key`).
+        """
+        key = self._keys.get(rec.backend_id)  # lock-free read; writers hold _keys_lock
         if key is None:
             try:
                 key = self.hsm.get_key(key_id=rec.backend_id)

@@ -6,13 +6,21 @@ token does not (mechanisms, label, tags, certificate). WAL mode and one
 transaction per request keep it consistent across crashes. Key creation and
 deletion are two-phase (a ``pending``/``deleting`` row is committed before the
 HSM is touched) so :meth:`Store.unfinished` can finish or undo them on start.
+
+Every signature needs its caller's user record and its key record, so both are
+cached in memory; the database stays the source of truth. All writes go
+through :meth:`Store.transaction`, which drops the caches when it ends, and a
+cache is filled only under the lock transactions hold, so a reader can never
+put back a record older than the last commit.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 import threading
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,7 +51,7 @@ CREATE TABLE IF NOT EXISTS keys (
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class UserRecord:
     id: str
     real_name: str
@@ -67,11 +75,17 @@ class KeyRecord:
     status: str = "ready"
 
 
+#: Unwritten operation counts above which counting flushes by itself (bounded memory).
+MAX_PENDING_OPS = 100_000
+
+
 class Store:
     """One SQLite connection shared by all request threads behind a lock.
 
     SQLite serialises writers anyway; one connection and a lock keep every
     request's reads and writes in a single transaction without busy retries.
+    The signing path takes no lock at all: cached records are read with plain
+    dict lookups and operations are counted by appending to a deque.
     """
 
     def __init__(self, path: Path) -> None:
@@ -84,20 +98,30 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._ops: dict[str, int] = {}  # operation counts not yet written
+        self._ops: deque[str] = deque()  # backend ids of operations not yet written
+        self._users: dict[str, UserRecord] = {}  # id -> record, as in the database
+        self._keys: dict[str, KeyRecord] = {}  # id -> ready record (operations as written)
         self._closed = False
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit: everything inside commits together or not at all."""
+        """One atomic unit: everything inside commits together or not at all.
+
+        The caches are dropped when it ends, committed or not (under the lock,
+        so no reader refills them from the state before this commit).
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                self._users.clear()
+                self._keys.clear()
 
     def close(self) -> None:
         """Write pending counts and close; idempotent."""
@@ -126,9 +150,16 @@ class Store:
     # -- users ---------------------------------------------------------------------
 
     def get_user(self, user_id: str) -> UserRecord | None:
+        """The user's record (shared and frozen), or None."""
+        user = self._users.get(user_id)
+        if user is not None:
+            return user
         with self._lock:
             row = self._db.execute("SELECT * FROM users WHERE id=?", (user_id,)).fetchone()
-        return None if row is None else _user(row)
+            if row is None:
+                return None  # misses are not cached: unknown ids must not grow memory
+            user = self._users[user_id] = _user(row)
+            return user
 
     def list_users(self) -> list[str]:
         with self._lock:
@@ -144,15 +175,31 @@ class Store:
 
     # -- keys ----------------------------------------------------------------------
 
-    def get_key(self, key_id: str) -> KeyRecord | None:
+    def key_for_use(self, key_id: str) -> KeyRecord | None:
+        """The ready key's cached record, shared: read it, never change it.
+
+        For the crypto path; its ``operations`` leave out uncounted uses.
+        """
+        rec = self._keys.get(key_id)
+        if rec is not None:
+            return rec
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM keys WHERE id=? AND status='ready'", (key_id,)
             ).fetchone()
             if row is None:
                 return None
-            rec = _key(row)
-            rec.operations += self._ops.get(key_id, 0)
+            rec = self._keys[key_id] = _key(row)
+            return rec
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        """A private copy of the ready key's record, with its exact operation count."""
+        with self._lock:
+            cached = self.key_for_use(key_id)
+            if cached is None:
+                return None
+            rec = copy.copy(cached)  # fields are replaced, never changed in place
+            rec.operations += list(self._ops).count(rec.backend_id)
             return rec
 
     def list_keys(self) -> list[KeyRecord]:
@@ -172,10 +219,19 @@ class Store:
 
     @staticmethod
     def put_key(tx: sqlite3.Connection, rec: KeyRecord) -> None:
+        """Insert a key, or update an existing one's fields except its operation count.
+
+        The count in the database only grows by :meth:`flush_operations`; a
+        record read with unwritten uses added must not write those in twice.
+        """
         tx.execute(
-            "INSERT OR REPLACE INTO keys(id, type, mechanisms, label, tags, backend_id, "
+            "INSERT INTO keys(id, type, mechanisms, label, tags, backend_id, "
             "backend_label, cert, cert_type, operations, status) "
-            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET type=excluded.type, "
+            "mechanisms=excluded.mechanisms, label=excluded.label, tags=excluded.tags, "
+            "backend_id=excluded.backend_id, backend_label=excluded.backend_label, "
+            "cert=excluded.cert, cert_type=excluded.cert_type, status=excluded.status",
             (
                 rec.id,
                 rec.type,
@@ -195,35 +251,35 @@ class Store:
     def delete_key(tx: sqlite3.Connection, key_id: str) -> None:
         tx.execute("DELETE FROM keys WHERE id=?", (key_id,))
 
-    def count_operation(self, key_id: str) -> None:
+    def count_operation(self, rec: KeyRecord) -> None:
         """Count a key use in memory; written by :meth:`flush_operations`.
 
         A database write per signature would cost more than the signature, so
         a crash can lose the counts since the last flush (never key data).
+        ``deque.append`` is atomic, so concurrent signatures share no lock.
+        Uses are counted by backend id, which a move does not change.
         """
-        with self._lock:
-            self._ops[key_id] = self._ops.get(key_id, 0) + 1
+        self._ops.append(rec.backend_id)
+        if len(self._ops) > MAX_PENDING_OPS:
+            self.flush_operations()
 
     def flush_operations(self) -> None:
         with self._lock:
             if not self._ops:
                 return
-            pending, self._ops = self._ops, {}
+            pending: Counter[str] = Counter()
+            for _ in range(len(self._ops)):  # later appends wait for the next flush
+                pending[self._ops.popleft()] += 1
             with self.transaction() as tx:
                 tx.executemany(
-                    "UPDATE keys SET operations = operations + ? WHERE id=?",
-                    [(n, k) for k, n in pending.items()],
+                    "UPDATE keys SET operations = operations + ? WHERE backend_id=?",
+                    [(n, b) for b, n in pending.items()],
                 )
-
-    def rename_operations(self, old: str, new: str) -> None:
-        with self._lock:
-            if old in self._ops:
-                self._ops[new] = self._ops.pop(old)
 
     def total_operations(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT COALESCE(SUM(operations), 0) AS n FROM keys").fetchone()
-            return int(row["n"]) + sum(self._ops.values())
+            return int(row["n"]) + len(self._ops)
 
 
 def _user(row: sqlite3.Row) -> UserRecord:
