@@ -1,9 +1,16 @@
 """The ASGI application: NetHSM REST API v1 routes over a :class:`Bridge`.
 
 Each route names its handler, the roles allowed to call it and the states it
-works in. One async endpoint reads the request, then runs state check,
-authentication and the handler in a worker thread (HSM calls and argon2 block),
-and turns every error into NetHSM's ``{"message": ...}`` body in one place.
+works in. The app reads the request, then runs state check, authentication and
+the handler in a worker thread (HSM calls and argon2 block), and turns every
+error into NetHSM's ``{"message": ...}`` body in one place.
+
+Every signature is one HTTP request, and the one event-loop thread parses all
+of them, so the app is a small ASGI callable of its own rather than Starlette's
+router and middleware stack: routes are compiled once and looked up by their
+first path segment, the body is read straight off ``receive``, and handlers run
+on a plain thread pool. Starlette still parses multipart forms and renders the
+responses.
 """
 
 from __future__ import annotations
@@ -11,16 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
 
-import anyio.to_thread
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
+from starlette.datastructures import URL, Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from ..errors import HSMError
 from . import api_keys, api_system, api_users
@@ -37,6 +44,10 @@ OPERATOR = ("Operator",)
 ADMIN_OR_OPERATOR = ("Administrator", "Operator")
 
 Handler = Callable[[Bridge, Req], Response]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -162,108 +173,213 @@ def dispatch(bridge: Bridge, op: Op, req: Req) -> Response:
         )
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-async def _read(request: Request) -> tuple[bytes, dict[str, str | bytes] | None]:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        form: dict[str, str | bytes] = {}
-        async with request.form(max_files=2, max_fields=8) as data:
-            for name, value in data.items():
-                form[name] = value if isinstance(value, str) else await value.read()
-        return b"", form
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    return body, None
-
-
-def _endpoint(bridge: Bridge, methods: dict[str, Op]) -> Callable[[Request], object]:
-    async def endpoint(request: Request) -> Response:
-        op = methods[request.method]
-        try:
-            body, form = await _read(request)
-        except ApiError as exc:
-            return error_response(exc)
-        except Exception as exc:  # malformed multipart and the like
-            return error_response(ApiError(400, f"cannot read the request body: {exc}"))
-        req = Req(
-            method=request.method,
-            path=dict(request.path_params),
-            query=dict(request.query_params),
-            headers=request.headers,
-            body=body,
-            client=_client(request),
-            base_url=str(request.base_url).rstrip("/") + PREFIX,
-            form=form,
-        )
-        return await run_in_threadpool(dispatch, bridge, op, req)
-
-    return endpoint
-
-
-def _unimplemented(what: str) -> Callable[[Request], object]:
-    async def endpoint(request: Request) -> Response:
-        return error_response(not_implemented(what))
-
-    return endpoint
-
-
-def build_app(bridge: Bridge, threads: int = 64, flush_interval: float = 2.0) -> Starlette:
-    """The Starlette app for ``bridge``; ``threads`` bounds concurrent blocking work."""
-    routes = []
-    for path, methods in ROUTES.items():
-        extra = {m: w for (p, m), w in NOT_IMPLEMENTED_METHODS.items() if p == path}
-        ops: dict[str, Op] = dict(methods)
-        for method, what in extra.items():
-            ops[method] = Op(_raise_not_implemented(what), None, ANY_STATE)
-        routes.append(Route(PREFIX + path, _endpoint(bridge, ops), methods=list(ops)))
-    for path, what in NOT_IMPLEMENTED.items():
-        routes.append(Route(PREFIX + path, _unimplemented(what), methods=ALL_METHODS))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
-
-        async def flush() -> None:
-            while True:
-                await asyncio.sleep(flush_interval)
-                await run_in_threadpool(bridge.store.flush_operations)
-
-        task = asyncio.create_task(flush())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await run_in_threadpool(bridge.store.flush_operations)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
-            exc.status_code, str(exc.detail)
-        )
-        return JSONResponse({"message": message}, status_code=exc.status_code)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc)
-        return JSONResponse({"message": "internal error in hsmbridge serve"}, status_code=500)
-
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
-    )
-
-
 def _raise_not_implemented(what: str) -> Handler:
     def handler(bridge: Bridge, req: Req) -> Response:
         raise not_implemented(what)
 
     return handler
+
+
+@dataclass(frozen=True)
+class _Route:
+    """One path template: ``{Name}`` matches one non-empty segment, as in Starlette."""
+
+    pattern: re.Pattern[str]
+    ops: dict[str, Op]  # method -> operation; HEAD answers as GET
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", path)  # literal, name, literal, name, ..., literal
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts)
+    )
+    return re.compile(regex)
+
+
+def _bucket(path: str) -> tuple[int, str]:
+    """Routes that can match a path: same segment count and first segment (always literal)."""
+    segments = path.split("/")
+    return len(segments), segments[1]
+
+
+class Router:
+    """Method and path (below :data:`PREFIX`) to an operation, Starlette's first-match order."""
+
+    def __init__(self, table: list[tuple[str, dict[str, Op]]]) -> None:
+        self._buckets: dict[tuple[int, str], list[_Route]] = {}
+        for path, ops in table:
+            full = dict(ops)
+            if "GET" in full:
+                full.setdefault("HEAD", full["GET"])
+            route = _Route(_compile(path), full)
+            self._buckets.setdefault(_bucket(path), []).append(route)
+
+    def resolve(self, method: str, path: str) -> tuple[Op, dict[str, str]]:
+        """The operation and path parameters; ApiError 404 or 405 if there is none."""
+        allowed: set[str] = set()
+        if path.startswith(PREFIX):
+            sub = path[len(PREFIX) :]
+            for route in self._buckets.get(_bucket(sub), ()) if sub.startswith("/") else ():
+                match = route.pattern.fullmatch(sub)
+                if match is None:
+                    continue
+                op = route.ops.get(method)
+                if op is not None:
+                    return op, match.groupdict()
+                allowed.update(route.ops)
+        if allowed:
+            raise ApiError(
+                405, "method not allowed on this endpoint", {"Allow": ", ".join(sorted(allowed))}
+            )
+        raise ApiError(404, "no such endpoint")
+
+
+def route_table() -> list[tuple[str, dict[str, Op]]]:
+    """:data:`ROUTES` with the not-implemented paths and methods, in matching order."""
+    table = []
+    for path, methods in ROUTES.items():
+        ops = dict(methods)
+        for (p, method), what in NOT_IMPLEMENTED_METHODS.items():
+            if p == path:
+                ops[method] = Op(_raise_not_implemented(what), None, ANY_STATE)
+        table.append((path, ops))
+    for path, what in NOT_IMPLEMENTED.items():
+        op = Op(_raise_not_implemented(what), None, ANY_STATE)
+        table.append((path, dict.fromkeys(ALL_METHODS, op)))
+    return table
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def _read_body(receive: Receive, headers: Headers) -> bytes:
+    length = headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _read_form(scope: Scope, receive: Receive) -> dict[str, str | bytes]:
+    form: dict[str, str | bytes] = {}
+    async with Request(scope, receive).form(max_files=2, max_fields=8) as data:
+        for name, value in data.items():
+            form[name] = value if isinstance(value, str) else await value.read()
+    return form
+
+
+def _base_url(scope: Scope) -> str:
+    """What Starlette's ``request.base_url`` gives, plus :data:`PREFIX`."""
+    root = scope.get("root_path", "")
+    base = URL(scope={**scope, "path": root.rstrip("/") + "/", "query_string": b""})
+    return str(base).rstrip("/") + PREFIX
+
+
+class BridgeApp:
+    """The ASGI app: lifespan (operation-count flushing) and the API's HTTP requests."""
+
+    def __init__(self, bridge: Bridge, threads: int, flush_interval: float) -> None:
+        self.bridge = bridge
+        self.router = Router(route_table())
+        self.threads = threads
+        self.flush_interval = flush_interval
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _in_thread(self, func: Callable[..., Any], *args: Any) -> Any:
+        assert self._pool is not None, "the app serves requests only inside its lifespan"
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self._respond(scope, receive)
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unhandled error")
+            response = JSONResponse(
+                {"message": "internal error in hsmbridge serve"}, status_code=500
+            )
+        await response(scope, receive, send)
+
+    async def _respond(self, scope: Scope, receive: Receive) -> Response:
+        method: str = scope["method"]
+        try:
+            op, params = self.router.resolve(method, scope["path"])
+            headers = Headers(scope=scope)
+            form = None
+            body = b""
+            try:
+                if headers.get("content-type", "").startswith("multipart/form-data"):
+                    form = await _read_form(scope, receive)
+                else:
+                    body = await _read_body(receive, headers)
+            except (ApiError, ClientGone):
+                raise
+            except Exception as exc:  # malformed multipart and the like
+                raise ApiError(400, f"cannot read the request body: {exc}") from None
+        except ApiError as exc:
+            return error_response(exc)
+        client = scope.get("client")
+        req = Req(
+            method=method,
+            path=params,
+            query=dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)),
+            headers=headers,
+            body=body,
+            client=client[0] if client else "unknown",
+            base_url=_base_url(scope),
+            form=form,
+        )
+        response: Response = await self._in_thread(dispatch, self.bridge, op, req)
+        return response
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        flusher: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hsmbridge-req")
+                flusher = asyncio.create_task(self._flush_periodically())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if flusher is not None:
+                    flusher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await flusher
+                with contextlib.suppress(Exception):
+                    await self._in_thread(self.bridge.store.flush_operations)
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self._in_thread(self.bridge.store.flush_operations)
+            except Exception:
+                log.exception("writing operation counts failed; retrying later")
+
+
+def build_app(bridge: Bridge, threads: int = 64, flush_interval: float = 2.0) -> BridgeApp:
+    """The ASGI app for ``bridge``; ``threads`` bounds concurrent blocking work."""
+    return BridgeApp(bridge, threads, flush_interval)
