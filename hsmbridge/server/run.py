@@ -130,7 +130,11 @@ def serve(
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
-    options = {"pin": pin} if pin is not None else {}
+    options: dict[str, Any] = {"pin": pin} if pin is not None else {}
+    if hsm_uri.startswith("pkcs11:"):
+        # A PKCS#11 session per request thread: signatures never queue for a session
+        # (the pool opens them only as concurrency demands).
+        options["max_sessions"] = threads
     hsm = hsmbridge.open(hsm_uri, **options)
     bridge = Bridge(hsm, state, cert)
     try:
@@ -188,8 +192,9 @@ def start_in_thread(
 ) -> RunningServer:
     """Serve ``hsm`` from a background thread of this process (port 0: a free one).
 
-    The caller keeps ownership of ``hsm``. Returns once the server accepts
-    connections.
+    The caller keeps ownership of ``hsm`` (for full speed, a PKCS#11 handle
+    opened with ``max_sessions`` >= ``threads``). Returns once the server
+    accepts connections.
     """
     import uvicorn
 
