@@ -479,9 +479,9 @@ class Pkcs11Key(Key):
         *,
         ecdsa_der: bool = False,
     ) -> list[bytes | HSMError]:
-        """Batches of two or more go to the native engine when it is built."""
+        """Everything goes to the native engine when it is built (the Python engine else)."""
         engine = self.hsm.native
-        if engine is None or len(items) < 2:
+        if engine is None or not items:
             return super()._run_prepared(
                 op, mech, items, threads, return_exceptions, ecdsa_der=ecdsa_der
             )
