@@ -153,7 +153,9 @@ def test_one_million_messages_stream_in_bounded_memory(softhsm_token: SoftToken)
     assert r.returncode == 0, r.stderr
     count, base_kb, peak_kb = map(int, r.stdout.split())
     assert count == 1_000_000
-    assert (peak_kb - base_kb) < 50 * 1024, f"peak RSS grew {(peak_kb - base_kb) / 1024:.1f} MB"
+    grown = (peak_kb - base_kb) / 1024
+    print(f"peak RSS grew {grown:.1f} MB over 1,000,000 streamed signatures")
+    assert grown < 50, f"peak RSS grew {grown:.1f} MB"
 
 
 @pytest.mark.parametrize("engine", ["native", "python"])
