@@ -45,6 +45,8 @@ from hsmbridge.mechanisms import Mechanism, signing_input
 from hsmbridge.nethsm import NetHSM, NetHSMKey
 from hsmbridge.testing import SoftToken
 
+from .serving import free_port, wait_ready
+
 COUNT = int(os.environ.get("HSMBRIDGE_NETHSM_BENCH_COUNT", "400"))
 ROUNDS = int(os.environ.get("HSMBRIDGE_NETHSM_BENCH_ROUNDS", "3"))
 MECH = Mechanism.RSA_PKCS1_SHA256
@@ -66,33 +68,10 @@ class Served:
     token: SoftToken = field(repr=False)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, cert: Path, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"hsmbridge serve exited: {log.read_text()[-2000:]}")
-        if cert.exists():
-            try:
-                requests.get(f"{url}/health/state", verify=str(cert), timeout=2)
-                return
-            except requests.RequestException:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError("hsmbridge serve did not start within 60 s")
-
-
 @pytest.fixture(scope="module")
 def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     state = tmp_path_factory.mktemp("nethsm-bench")
-    port = _free_port()
+    port = free_port()
     log = state / "serve.log"
     env = {**os.environ, **softhsm_token.env(), "HSMBRIDGE_PIN": softhsm_token.pin}
     cmd = [sys.executable, "-m", "hsmbridge.cli", "--hsm", softhsm_token.uri, "serve",
@@ -102,7 +81,7 @@ def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -
     url = f"https://127.0.0.1:{port}/api/v1"
     cert = state / "state" / "tls-cert.pem"
     try:
-        _wait_ready(url, cert, process, log)
+        wait_ready(url, cert, process, log)
         with requests.Session() as s:
             s.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
             s.verify = str(cert)

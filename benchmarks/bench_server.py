@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import hsmbridge
 from hsmbridge.mechanisms import _DIGEST_INFO_PREFIX
 from hsmbridge.testing import SoftToken
+
+from .serving import free_port, wait_ready
 
 COUNT = int(os.environ.get("HSMBRIDGE_SERVER_BENCH_COUNT", "600"))
 ROUNDS = int(os.environ.get("HSMBRIDGE_SERVER_BENCH_ROUNDS", "3"))
@@ -82,31 +83,10 @@ def _session(cert: Path, auth: tuple[str, str]) -> requests.Session:
     return s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, cert: Path, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"hsmbridge serve exited: {log.read_text()[-2000:]}")
-        if cert.exists():
-            try:
-                requests.get(f"{url}/health/state", verify=str(cert), timeout=2)
-                return
-            except requests.RequestException:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError("hsmbridge serve did not start within 60 s")
-
-
 @pytest.fixture(scope="module")
 def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     state = tmp_path_factory.mktemp("server-bench")
-    port = _free_port()
+    port = free_port()
     log = state / "serve.log"
     env = {**os.environ, **softhsm_token.env(), "HSMBRIDGE_PIN": softhsm_token.pin}
     cmd = [sys.executable, "-c", SERVE, softhsm_token.uri, f"127.0.0.1:{port}", str(state / "s")]
@@ -115,7 +95,7 @@ def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -
     url, cert = f"https://127.0.0.1:{port}/api/v1", state / "s" / "tls-cert.pem"
     direct_hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin)
     try:
-        _wait_ready(url, cert, process, log)
+        wait_ready(url, cert, process, log)
         with _session(cert, ADMIN) as s:
             body = {"unlockPassphrase": "bench-unlock-passphrase", "adminPassphrase": ADMIN[1],
                     "systemTime": "2026-01-01T00:00:00Z"}  # fmt: skip
