@@ -170,8 +170,8 @@ def _python_pkcs11_op(prep: Prepared, session: Any) -> Callable[[bytes], Any]:
     return lambda c: obj.decrypt(c, mechanism=CKM.RSA_PKCS_OAEP, mechanism_param=oaep)
 
 
-def ceiling_binary() -> Path | None:
-    """Build benchmarks/ceiling (source checkouts only); None when unavailable."""
+def _ceiling_module() -> Any | None:
+    """benchmarks/ceiling/build.py (source checkouts only), or None."""
     build_py = CEILING_DIR / "build.py"
     if not build_py.exists():
         return None
@@ -179,33 +179,36 @@ def ceiling_binary() -> Path | None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    path: Path = module.build_ceiling()
-    return path
+    return module
+
+
+def ceiling_binary() -> Path | None:
+    """Build the C ceiling (source checkouts only); None when unavailable."""
+    module = _ceiling_module()
+    return None if module is None else Path(module.build_ceiling())
 
 
 def run_ceiling(
     prep: Prepared, hsm: Pkcs11HSM, pin: str, threads: int, count: int, session_copy: bool = False
 ) -> Measurement:
-    binary = ceiling_binary()
-    if binary is None:
+    module = _ceiling_module()
+    if module is None:
         raise ConfigurationError("the C ceiling needs a source checkout (benchmarks/ceiling)")
-    cmd = [
-        str(binary),
-        "--module", hsm.module.path,
-        "--token", hsm.token.label,
-        "--pin", pin,
-        "--key", prep.key.label,
-        "--op", prep.workload.op,
-        "--mech", prep.workload.mechanism,
-        "--threads", str(threads),
-        "--count", str(count),
-    ]  # fmt: skip
-    if session_copy:
-        cmd.append("--session-copy")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise ConfigurationError(f"the C ceiling failed: {out.stderr.strip()[-300:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        result = module.run_ceiling(
+            module=hsm.module.path,
+            token=hsm.token.label,
+            pin=pin,
+            key=prep.key.label,
+            mech=prep.workload.mechanism,
+            op=prep.workload.op,
+            threads=threads,
+            count=count,
+            session_copy=session_copy,
+            timeout=600,
+        )
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise ConfigurationError(f"the C ceiling failed: {exc}") from None
     name = "c-ceiling-session-copy" if session_copy else "c-ceiling"
     return Measurement(prep.workload.name, name, threads, int(result["ops"]), result["seconds"])
 
