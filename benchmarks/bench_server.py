@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import hsmbridge
-from hsmbridge.mechanisms import _DIGEST_INFO_PREFIX
+from hsmbridge.mechanisms import DIGEST_INFO_PREFIX
 from hsmbridge.testing import SoftToken
 
 from .serving import free_port, wait_ready
@@ -188,7 +188,7 @@ def _measure(
 def test_rsa2048_pkcs1_sign_throughput(benchmark: Any, served: Served) -> None:
     messages = [b"bench message %d " % i + os.urandom(8) for i in range(COUNT)]
     digests = [hashlib.sha256(m).digest() for m in messages]
-    prefix = _DIGEST_INFO_PREFIX["sha256"]
+    prefix = DIGEST_INFO_PREFIX["sha256"]
     bodies = [{"mode": "PKCS1", "message": base64.b64encode(prefix + d).decode()} for d in digests]
 
     def check(signatures: list[bytes]) -> None:

@@ -1,10 +1,17 @@
 """Backend-neutral types: key specs, key info, and the HSM/Key interface.
 
-A backend implements :class:`HSM` and :class:`Key` by filling in a handful of
-``_``-prefixed primitives (generate, find, sign a prepared input, decrypt,
-delete, public key DER, and a worker for batches). Everything a user calls —
-mechanism checks, hashing, signature encodings, exports, batching and
-streaming — is written once here, so every backend behaves the same.
+A backend implements :class:`HSM` (generate, import, find, list) and
+:class:`Key` (public key DER, delete, and one *engine hook*, :meth:`Key._run`).
+Everything a user calls — mechanism checks, hashing, signature encodings,
+exports, batching and streaming — is written once here, so every backend
+behaves the same.
+
+The engine hook (docs/design.md, "Engine hook"): prepared items in — digests
+(DigestInfo-prefixed for PKCS#1 v1.5, see :mod:`hsmbridge.mechanisms`) to sign,
+or ciphertexts — and one ``bytes | HSMError`` per item out. ``sign`` and
+``decrypt`` call it with one item, batches and streams with many, so
+``Key.sign`` is three hops from the HSM call: ``Key.sign`` -> backend ``_run``
+-> engine -> ``C_Sign`` (PKCS#11) or ``POST /keys/{id}/sign`` (NetHSM).
 """
 
 from __future__ import annotations
@@ -15,36 +22,27 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from . import export
-from .batch import BatchWorker, run_batch, stream_batches
+from . import curves, export
+from .batch import stream_batches
 from .errors import BatchItemError, HSMError, InvalidInput
 from .mechanisms import (
     Mechanism,
     check_key_type,
     check_signature_format,
-    ecdsa_raw_to_der,
     parse_mechanism,
     signing_preparer,
 )
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-Usage = Literal["sign", "decrypt"]
+#: the two things a key can be made for
 USAGES: frozenset[str] = frozenset({"sign", "decrypt"})
-
-_CURVES = {
-    "P-256": ("P-256", 256),
-    "P256": ("P-256", 256),
-    "SECP256R1": ("P-256", 256),
-    "PRIME256V1": ("P-256", 256),
-    "P-384": ("P-384", 384),
-    "P384": ("P-384", 384),
-    "SECP384R1": ("P-384", 384),
-    "P-521": ("P-521", 521),
-    "P521": ("P-521", 521),
-    "SECP521R1": ("P-521", 521),
-}
+#: what the engine hook does with its items
+Op = Literal["sign", "decrypt"]
+#: one engine result: the output, the item's error, or None (never attempted:
+#: an earlier item failed and the batch stopped)
+Result = bytes | HSMError | None
 
 
 @dataclass(frozen=True)
@@ -71,26 +69,29 @@ class RSA:
 
 @dataclass(frozen=True)
 class EC:
-    """An elliptic-curve key on a NIST curve: ``P-256``, ``P-384`` or ``P-521``."""
+    """An elliptic-curve key on a named curve (:data:`hsmbridge.curves.CURVES`)."""
 
     curve: str = "P-256"
     key_type: ClassVar[str] = "ec"
 
     def __post_init__(self) -> None:
-        canonical = _CURVES.get(str(self.curve).upper())
-        if canonical is None:
-            raise InvalidInput(
-                f"unknown curve {self.curve!r}; use EC('P-256'), EC('P-384') or EC('P-521')"
-            )
-        object.__setattr__(self, "curve", canonical[0])
+        found = curves.by_name(self.curve)
+        if found is None:
+            raise InvalidInput(f"unknown curve {self.curve!r}; use EC(curve) with {curves.NAMES}")
+        object.__setattr__(self, "curve", found.name)
+
+    @property
+    def curve_info(self) -> curves.Curve:
+        """Everything hsmbridge knows about this curve (OID, NetHSM type, ...)."""
+        return curves.get(self.curve)
 
     @property
     def size(self) -> int:
-        return _CURVES[self.curve][1]
+        return self.curve_info.bits
 
     @property
     def field_bytes(self) -> int:
-        return (self.size + 7) // 8
+        return self.curve_info.field_bytes
 
     def __str__(self) -> str:
         return f"ec:{self.curve.replace('-', '').lower()}"
@@ -109,9 +110,8 @@ def parse_key_spec(text: str) -> KeySpec:
             pass
     elif kind == "ec":
         return EC(arg or "P-256")
-    raise InvalidInput(
-        f"unknown key type {text!r}; use rsa:2048, rsa:3072, rsa:4096, ec:p256, ec:p384 or ec:p521"
-    )
+    ec_names = ", ".join("ec:" + c.name.replace("-", "").lower() for c in curves.CURVES)
+    raise InvalidInput(f"unknown key type {text!r}; use rsa:2048, rsa:3072, rsa:4096, {ec_names}")
 
 
 def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozenset[str]:
@@ -136,6 +136,20 @@ def check_new_key(spec: KeySpec, label: str, usage: Iterable[str] | str | None) 
     if not label or not isinstance(label, str):
         raise InvalidInput("a key needs a non-empty label")
     return normalize_usage(usage, spec)
+
+
+def check_lookup(label: object, key_id: object) -> str:
+    """What every backend checks in ``get_key``; returns ``label 'x' and id 'y'`` for messages."""
+    if label is None and key_id is None:
+        raise InvalidInput("get_key needs a label or a key_id")
+    for name, value in (("label", label), ("key_id", key_id)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidInput(
+                f"get_key's {name} must be a non-empty str, not {type(value).__name__} {value!r}"
+            )
+    return " and ".join(
+        f"{k} {v!r}" for k, v in (("label", label), ("id", key_id)) if v is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -189,33 +203,27 @@ class Key(abc.ABC):
         """SubjectPublicKeyInfo DER of this key."""
 
     @abc.abstractmethod
-    def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
-        """A context manager yielding a function that does one prepared operation.
-
-        For ``sign`` the function takes :func:`signing_preparer` output and returns
-        the signature (ECDSA as raw r‖s); for ``decrypt`` it takes the
-        ciphertext and returns the plaintext. Batches enter one worker per
-        thread, so a backend can bind a session (or connection) to it.
-        """
-
-    def _run_prepared(
+    def _run(
         self,
-        op: Literal["sign", "decrypt"],
+        op: Op,
         mech: Mechanism,
         items: Sequence[bytes],
-        threads: int,
-        return_exceptions: bool,
         *,
-        ecdsa_der: bool = False,
-    ) -> list[bytes | HSMError]:
-        """Run many prepared operations; backends with a faster engine override this.
+        threads: int,
+        stop_on_error: bool,
+        ecdsa_format: str,
+    ) -> list[Result]:
+        """The engine hook: run ``op`` with ``mech`` on every prepared item.
 
-        With ``ecdsa_der`` the ECDSA signatures come back DER-encoded, else r‖s.
+        Returns one entry per item, in order: the output, the item's own
+        :class:`HSMError`, or None for items never attempted because
+        ``stop_on_error`` stopped the batch after a failure. ECDSA signatures
+        come in ``ecdsa_format`` (``"der"`` or ``"raw"``), which the backend
+        makes from its natural encoding the cheapest way. Raises
+        :class:`HSMError` for failures of the whole call (usage, a mechanism
+        the HSM lacks, no session or connection). Callers have checked the
+        mechanism's family against the key type and prepared every item.
         """
-        out = run_batch(lambda: self._batch_worker(op, mech), items, threads, return_exceptions)
-        if ecdsa_der:
-            return [r if isinstance(r, HSMError) else ecdsa_raw_to_der(r) for r in out]
-        return out
 
     @abc.abstractmethod
     def _delete(self) -> None:
@@ -278,12 +286,7 @@ class Key(abc.ABC):
 
         return load_der_public_key(self.public_key_der())
 
-    # -- operations ----------------------------------------------------------------
-
-    def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
-        mech = parse_mechanism(mechanism, sign=sign)
-        check_key_type(mech, self.key_type, self.label)
-        return mech
+    # -- single operations ---------------------------------------------------------
 
     def sign(
         self,
@@ -297,103 +300,48 @@ class Key(abc.ABC):
 
         ECDSA signatures are DER by default; ``signature_format="raw"`` gives r‖s.
         """
-        try:
-            signature: bytes = self.sign_batch(
-                [data], mechanism, prehashed=prehashed, signature_format=signature_format, threads=1
-            )[0]
-            return signature
-        except BatchItemError as exc:
-            raise exc.cause from None
+        mech = self._check(mechanism, sign=True)
+        fmt = check_signature_format(signature_format)
+        prepared = signing_preparer(mech, prehashed=prehashed)(data)
+        return _only(self._run("sign", mech, [prepared], **_ONE, ecdsa_format=fmt))
+
+    def sign_prepared(
+        self, prepared: bytes, mechanism: str | Mechanism, *, signature_format: str = "der"
+    ) -> bytes:
+        """Sign input already in the form the HSM signs, for callers that hash themselves.
+
+        ``prepared`` is the digest (PSS, ECDSA) or the DigestInfo-prefixed
+        digest (PKCS#1 v1.5), as NetHSM's sign modes take it; ``mechanism``
+        names the operation. No hashing or length check of the digest is done.
+        """
+        mech = self._check(mechanism, sign=True)
+        fmt = check_signature_format(signature_format)
+        data = _as_bytes(prepared, "data to sign")
+        return _only(self._run("sign", mech, [data], **_ONE, ecdsa_format=fmt))
 
     def decrypt(self, ciphertext: bytes, mechanism: str | Mechanism) -> bytes:
         """Decrypt one ciphertext inside the HSM."""
-        try:
-            plaintext: bytes = self.decrypt_batch([ciphertext], mechanism, threads=1)[0]
-            return plaintext
-        except BatchItemError as exc:
-            raise exc.cause from None
-
-    def _sign_batch(
-        self,
-        messages: Iterable[bytes],
-        mechanism: str | Mechanism,
-        prehashed: bool,
-        signature_format: str,
-        threads: int | None,
-        return_exceptions: bool,
-    ) -> list[Any]:
-        mech = self._check(mechanism, sign=True)
-        check_signature_format(signature_format)
-        prepare = signing_preparer(mech, prehashed=prehashed)
-        prepared: list[bytes | HSMError] = []
-        for message in messages:
-            try:
-                prepared.append(prepare(message))
-            except HSMError as exc:
-                if not return_exceptions:
-                    raise _single_or_batch(exc, len(prepared)) from None
-                prepared.append(exc)
-        der = mech.family == "ecdsa" and signature_format == "der"
-        return self._run_with_input_errors(
-            "sign", mech, prepared, threads, return_exceptions, ecdsa_der=der
-        )
-
-    def _decrypt_batch(
-        self,
-        ciphertexts: Iterable[bytes],
-        mechanism: str | Mechanism,
-        threads: int | None,
-        return_exceptions: bool,
-    ) -> list[Any]:
         mech = self._check(mechanism, sign=False)
-        limit = (self.spec.size + 7) // 8  # an RSA ciphertext is at most the modulus size
-        items: list[bytes | HSMError] = []
-        for ct in ciphertexts:
-            exc: HSMError | None = None
-            if not isinstance(ct, (bytes, bytearray, memoryview)):
-                exc = InvalidInput(f"ciphertext must be bytes, not {type(ct).__name__}")
-            elif len(bytes(ct)) > limit:
-                exc = InvalidInput(
-                    f"the ciphertext is {len(bytes(ct))} bytes but key {self.label!r} "
-                    f"({self.spec}) takes {limit}-byte ciphertexts; was it made for another key?"
-                )
-            if exc is None:
-                items.append(bytes(ct))
-            elif not return_exceptions:
-                raise _single_or_batch(exc, len(items))
-            else:
-                items.append(exc)
-        return self._run_with_input_errors("decrypt", mech, items, threads, return_exceptions)
+        data = self._ciphertext(ciphertext)
+        return _only(self._run("decrypt", mech, [data], **_ONE, ecdsa_format="der"))
 
-    def _run_with_input_errors(
-        self,
-        op: Literal["sign", "decrypt"],
-        mech: Mechanism,
-        items: list[bytes | HSMError],
-        threads: int | None,
-        return_exceptions: bool,
-        *,
-        ecdsa_der: bool = False,
-    ) -> list[bytes | HSMError]:
-        """Run the valid items; keep input errors in their places."""
-        valid_idx = [i for i, it in enumerate(items) if not isinstance(it, HSMError)]
-        valid = [items[i] for i in valid_idx]
-        n_threads = max(1, min(threads or self._default_threads(), len(valid) or 1))
-        try:
-            out = self._run_prepared(
-                op,
-                mech,
-                valid,  # type: ignore[arg-type]
-                n_threads,
-                return_exceptions,
-                ecdsa_der=ecdsa_der,
+    def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
+        mech = parse_mechanism(mechanism, sign=sign)
+        check_key_type(mech, self.key_type, self.label)
+        return mech
+
+    def _ciphertext(self, ct: object) -> bytes:
+        """A ciphertext as bytes, no longer than the RSA modulus."""
+        data = _as_bytes(ct, "ciphertext")
+        limit = (self.spec.size + 7) // 8
+        if len(data) > limit:
+            raise InvalidInput(
+                f"the ciphertext is {len(data)} bytes but key {self.label!r} "
+                f"({self.spec}) takes {limit}-byte ciphertexts; was it made for another key?"
             )
-        except HSMError as exc:
-            raise _remap_index(exc, valid_idx, len(items)) from None
-        results: list[bytes | HSMError] = list(items)
-        for i, r in zip(valid_idx, out, strict=True):
-            results[i] = _remap_index(r, valid_idx, len(items)) if isinstance(r, HSMError) else r
-        return results
+        return data
+
+    # -- batches and streams ---------------------------------------------------------
 
     def sign_batch(
         self,
@@ -412,9 +360,12 @@ class Key(abc.ABC):
         own error). With ``return_exceptions=True`` failed items hold their
         :class:`HSMError` and the rest still complete.
         """
-        return self._sign_batch(
-            messages, mechanism, prehashed, signature_format, threads, return_exceptions
+        mech = self._check(mechanism, sign=True)
+        fmt = check_signature_format(signature_format)
+        items = _prepare_all(
+            messages, signing_preparer(mech, prehashed=prehashed), return_exceptions
         )
+        return self._run_batch("sign", mech, items, threads, return_exceptions, fmt)
 
     def decrypt_batch(
         self,
@@ -425,7 +376,39 @@ class Key(abc.ABC):
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Decrypt many ciphertexts in parallel; results in input order (see sign_batch)."""
-        return self._decrypt_batch(ciphertexts, mechanism, threads, return_exceptions)
+        mech = self._check(mechanism, sign=False)
+        items = _prepare_all(ciphertexts, self._ciphertext, return_exceptions)
+        return self._run_batch("decrypt", mech, items, threads, return_exceptions, "der")
+
+    def _run_batch(
+        self,
+        op: Op,
+        mech: Mechanism,
+        items: list[bytes | HSMError],
+        threads: int | None,
+        return_exceptions: bool,
+        ecdsa_format: str,
+    ) -> list[Any]:
+        """Run the valid items through the engine hook; input errors keep their places."""
+        valid = [i for i, item in enumerate(items) if not isinstance(item, HSMError)]
+        results: list[Any] = list(items)
+        if valid:
+            n_threads = min(_threads(threads) or self._default_threads(), len(valid))
+            out = self._run(
+                op,
+                mech,
+                [items[i] for i in valid],  # type: ignore[misc]
+                threads=n_threads,
+                stop_on_error=not return_exceptions,
+                ecdsa_format=ecdsa_format,
+            )
+            for i, result in zip(valid, out, strict=True):
+                results[i] = result
+        if not return_exceptions:
+            for i, result in enumerate(results):
+                if isinstance(result, HSMError):
+                    raise BatchItemError(i, result)
+        return results
 
     def sign_many(
         self,
@@ -440,10 +423,16 @@ class Key(abc.ABC):
     ) -> Iterator[Any]:
         """Stream signatures in order, holding at most ``window`` items in flight."""
         self._check(mechanism, sign=True)
+        check_signature_format(signature_format)
         return stream_batches(
             messages,
-            lambda chunk: self._sign_batch(
-                chunk, mechanism, prehashed, signature_format, threads, return_exceptions
+            lambda chunk: self.sign_batch(
+                chunk,
+                mechanism,
+                prehashed=prehashed,
+                signature_format=signature_format,
+                threads=threads,
+                return_exceptions=return_exceptions,
             ),
             _window(window, threads),
         )
@@ -461,7 +450,9 @@ class Key(abc.ABC):
         self._check(mechanism, sign=False)
         return stream_batches(
             ciphertexts,
-            lambda chunk: self._decrypt_batch(chunk, mechanism, threads, return_exceptions),
+            lambda chunk: self.decrypt_batch(
+                chunk, mechanism, threads=threads, return_exceptions=return_exceptions
+            ),
             _window(window, threads),
         )
 
@@ -470,25 +461,61 @@ class Key(abc.ABC):
         self._delete()
 
 
+#: engine-hook arguments of a single operation
+_ONE: dict[str, Any] = {"threads": 1, "stop_on_error": True}
+
+
+def _only(results: list[Result]) -> bytes:
+    """The output of a one-item engine call, or the item's error raised."""
+    [result] = results
+    if isinstance(result, HSMError):
+        raise result
+    assert result is not None  # one item is always attempted
+    return result
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidInput(f"{what} must be bytes, not {type(value).__name__}")
+
+
+def _prepare_all(
+    items: Iterable[Any], prepare: Any, return_exceptions: bool
+) -> list[bytes | HSMError]:
+    """``prepare`` every item; an input error raises at once, or stays in place."""
+    out: list[bytes | HSMError] = []
+    for item in items:
+        try:
+            out.append(prepare(item))
+        except HSMError as exc:
+            if not return_exceptions:
+                raise BatchItemError(len(out), exc) from None
+            out.append(exc)
+    return out
+
+
+def _threads(threads: object) -> int | None:
+    """None (the backend's default) or a thread count; below 1 means one thread."""
+    if threads is None:
+        return None
+    if not isinstance(threads, int) or isinstance(threads, bool):
+        raise InvalidInput(f"threads must be a whole number, not {type(threads).__name__}")
+    return max(1, threads)
+
+
 def _default_window(threads: int | None) -> int:
-    return 256 * max(1, threads or default_threads())
+    return 256 * max(1, _threads(threads) or default_threads())
 
 
-def _window(window: int | None, threads: int | None) -> int:
-    if window is not None and window < 1:
-        raise InvalidInput(f"window must be at least 1 item, got {window!r}")
-    return window or _default_window(threads)
-
-
-def _single_or_batch(exc: HSMError, index: int) -> HSMError:
-    return exc if isinstance(exc, BatchItemError) else BatchItemError(index, exc)
-
-
-def _remap_index(exc: HSMError, valid_idx: list[int], total: int) -> HSMError:
-    """Batch errors carry indexes into the valid subset; map them to the caller's."""
-    if isinstance(exc, BatchItemError):
-        return BatchItemError(valid_idx[exc.index], exc.cause)
-    return exc
+def _window(window: object, threads: int | None) -> int:
+    if window is None:
+        return _default_window(threads)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise InvalidInput(f"window must be a whole number of items, at least 1, got {window!r}")
+    return window
 
 
 class HSM(abc.ABC):
@@ -507,6 +534,20 @@ class HSM(abc.ABC):
         key_id: str | None = None,
     ) -> Key:
         """Generate a key pair inside the HSM: private half non-extractable."""
+
+    @abc.abstractmethod
+    def import_key(
+        self,
+        private_key: PrivateKeyTypes,
+        label: str,
+        *,
+        usage: Iterable[str] | str | None = None,
+        key_id: str | None = None,
+    ) -> Key:
+        """Store a ``cryptography`` RSA or EC private key in the HSM, non-extractable.
+
+        Its material existed outside the HSM: prefer :meth:`generate_key`.
+        """
 
     @abc.abstractmethod
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Key:

@@ -25,29 +25,21 @@ def run_batch(
     make_worker: Callable[[], BatchWorker],
     items: Sequence[bytes],
     threads: int,
-    return_exceptions: bool,
-) -> list[bytes | HSMError]:
-    """Apply the worker's operation to every item; results in input order.
+    stop_on_error: bool,
+) -> list[bytes | HSMError | None]:
+    """Apply the worker's operation to every item; one result per item, in order.
 
-    Without ``return_exceptions`` the first failure stops the remaining work
-    and raises :class:`BatchItemError` with the item's index.
+    An item's :class:`HSMError` is its result. With ``stop_on_error`` the
+    first failure stops the remaining work: items never attempted are None.
+    A worker that cannot start (no session) fails the whole call.
     """
     n = len(items)
+    results: list[bytes | HSMError | None] = [None] * n
     if n == 0:
-        return []
-    if n == 1:  # the single-operation path: no threads, events or locks
-        with make_worker() as operate:
-            try:
-                return [operate(items[0])]
-            except HSMError as exc:
-                if return_exceptions:
-                    return [exc]
-                raise BatchItemError(0, exc) from None
-    results: list[Any] = [None] * n
+        return results
     counter = itertools.count()
     stop = threading.Event()
-    first_error: list[BatchItemError] = []
-    lock = threading.Lock()
+    start_errors: list[HSMError] = []
 
     def work() -> None:
         try:
@@ -59,19 +51,15 @@ def run_batch(
                     try:
                         results[i] = operate(items[i])
                     except HSMError as exc:
-                        if return_exceptions:
-                            results[i] = exc
-                            continue
-                        with lock:
-                            first_error.append(BatchItemError(i, exc))
-                        stop.set()
+                        results[i] = exc
+                        if stop_on_error:
+                            stop.set()
         except HSMError as exc:  # the worker itself could not start
-            with lock:
-                first_error.append(BatchItemError(min(next(counter), n - 1), exc))
+            start_errors.append(exc)
             stop.set()
 
     threads = max(1, min(threads, n))
-    if threads == 1:
+    if threads == 1:  # the single-operation path: no threads
         work()
     else:
         pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
@@ -79,8 +67,8 @@ def run_batch(
             t.start()
         for t in pool:
             t.join()
-    if first_error:
-        raise min(first_error, key=lambda e: e.index)
+    if start_errors:
+        raise start_errors[0]
     return results
 
 

@@ -13,10 +13,8 @@ import textwrap
 
 from asn1crypto import keys as asn1_keys
 
+from . import curves
 from .errors import InvalidInput
-
-_JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
-_CURVE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66}
 
 
 def der_to_pem(der: bytes, label: str = "PUBLIC KEY") -> str:
@@ -30,7 +28,8 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _int_bytes(value: int, length: int | None = None) -> bytes:
+def int_to_bytes(value: int, length: int | None = None) -> bytes:
+    """Big-endian unsigned bytes: ``length`` of them, or as few as hold ``value`` (at least 1)."""
     return value.to_bytes(length or max(1, (value.bit_length() + 7) // 8), "big")
 
 
@@ -56,20 +55,19 @@ def jwk(der: bytes) -> dict[str, str]:
         pub = info["public_key"].parsed
         members = {
             "kty": "RSA",
-            "n": _b64url(_int_bytes(pub["modulus"].native)),
-            "e": _b64url(_int_bytes(pub["public_exponent"].native)),
+            "n": _b64url(int_to_bytes(pub["modulus"].native)),
+            "e": _b64url(int_to_bytes(pub["public_exponent"].native)),
         }
     elif algo == "ec":
-        curve = _JWK_CURVES.get(info.curve[1])
+        curve = curves.by_oid_name(info.curve[1])
         if curve is None:
-            raise InvalidInput(f"curve {info.curve[1]} has no JWK name; use P-256, P-384 or P-521")
+            raise InvalidInput(f"curve {info.curve[1]} has no JWK name; use {curves.NAMES}")
         x, y = info["public_key"].to_coords()
-        size = _CURVE_BYTES[curve]
         members = {
             "kty": "EC",
-            "crv": curve,
-            "x": _b64url(_int_bytes(x, size)),
-            "y": _b64url(_int_bytes(y, size)),
+            "crv": curve.name,
+            "x": _b64url(int_to_bytes(x, curve.field_bytes)),
+            "y": _b64url(int_to_bytes(y, curve.field_bytes)),
         }
     else:
         raise InvalidInput(f"{algo} keys have no JWK form here; only RSA and EC are supported")

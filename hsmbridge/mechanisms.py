@@ -19,7 +19,7 @@ from asn1crypto.algos import DSASignature
 from .errors import InvalidInput, MechanismNotSupported
 
 #: DER DigestInfo prefixes (RFC 8017, section 9.2, note 1).
-_DIGEST_INFO_PREFIX = {
+DIGEST_INFO_PREFIX = {
     "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
     "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
@@ -119,7 +119,7 @@ def signing_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], b
     hash_name = mech.hash_name
     assert hash_name is not None
     size = mech.digest_size
-    prefix = _DIGEST_INFO_PREFIX[hash_name] if mech.family == "pkcs1" else b""
+    prefix = DIGEST_INFO_PREFIX[hash_name] if mech.family == "pkcs1" else b""
     hasher = getattr(hashlib, hash_name)
 
     def check(data: bytes) -> None:
@@ -142,6 +142,7 @@ def signing_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], b
     def prepare_message(data: bytes) -> bytes:
         if type(data) is not bytes:
             check(data)
+            data = bytes(data)  # hashlib refuses non-contiguous buffers
         return prefix + hasher(data).digest()  # type: ignore[no-any-return]
 
     return prepare_message

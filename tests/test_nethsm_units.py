@@ -26,7 +26,8 @@ from hsmbridge import (
     PermissionDenied,
     RateLimited,
 )
-from hsmbridge.nethsm import NetHSM, keys
+from hsmbridge.nethsm import NetHSM
+from hsmbridge.nethsm import vocabulary as keys
 from hsmbridge.nethsm.client import normalize_fingerprint
 from hsmbridge.nethsm.errors import ADMINISTRATOR, OPERATOR, Answer, Call, from_response
 

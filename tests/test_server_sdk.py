@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
-from hsmbridge.mechanisms import _DIGEST_INFO_PREFIX
+from hsmbridge.mechanisms import DIGEST_INFO_PREFIX
 from hsmbridge.server.testing import TIMEOUT, BridgeServer
 
 pytest_plugins = ["server_fixtures"]
@@ -105,7 +105,7 @@ def test_rsa_sign_every_mode(operator: Any, rsa2048: str) -> None:
         digest = hashlib.new(name.lower(), message).digest()
         # PKCS1: the client prepends the DigestInfo (NetHSM semantics).
         sig = operator.sign(
-            rsa2048, b64(_DIGEST_INFO_PREFIX[name.lower()] + digest), nethsm.SignMode.PKCS1
+            rsa2048, b64(DIGEST_INFO_PREFIX[name.lower()] + digest), nethsm.SignMode.PKCS1
         ).decode()
         pub.verify(sig, digest, padding.PKCS1v15(), utils.Prehashed(algo))
         sig = operator.sign(rsa2048, b64(digest), nethsm.SignMode[f"PSS_{name}"]).decode()
@@ -175,7 +175,7 @@ def test_rsa3072_sign(admin: Any, operator: Any) -> None:
         assert pub.key_size == 3072
         digest = hashlib.sha512(b"rsa3072").digest()
         sig = operator.sign(
-            key_id, b64(_DIGEST_INFO_PREFIX["sha512"] + digest), nethsm.SignMode.PKCS1
+            key_id, b64(DIGEST_INFO_PREFIX["sha512"] + digest), nethsm.SignMode.PKCS1
         )
         pub.verify(sig.decode(), digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA512()))
         with pytest.raises(nethsm.NetHSMError, match="does not allow mode PKCS1"):

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..api import EC, HSM, Key, KeyInfo, KeySpec, check_new_key
-from ..batch import BatchWorker, Operation
+from ..api import EC, HSM, Key, KeyInfo, KeySpec, Op, Result, check_new_key
+from ..batch import Operation, run_batch
 from ..errors import (
     AmbiguousKey,
     ConfigurationError,
@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..mechanisms import Mechanism, ecdsa_der_to_raw
 from ..uri import Secret, parse_nethsm_uri
-from . import keys
+from . import vocabulary
 from .client import (
     DEFAULT_BACKOFF,
     DEFAULT_MAX_CONNECTIONS,
@@ -179,7 +179,7 @@ class NetHSM(HSM):
         key_id: str | None = None,
     ) -> NetHSMKey:
         uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
-        body: dict[str, Any] = {"mechanisms": mechanisms, **keys.key_type_body(spec)}
+        body: dict[str, Any] = {"mechanisms": mechanisms, **vocabulary.key_type_body(spec)}
         if kid is not None:
             body["id"] = kid
         call = Call(f"generating a {spec} key {label!r}", ADMINISTRATOR, safe=False, op="generate")
@@ -204,10 +204,10 @@ class NetHSM(HSM):
         The key is then as good as generated inside (non-extractable), but
         its material existed outside: prefer :meth:`generate_key`.
         """
-        spec, private = keys.private_data(private_key)
+        spec, private = vocabulary.private_data(private_key)
         uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
         body: dict[str, Any] = {
-            "type": keys.key_type_body(spec)["type"],
+            "type": vocabulary.key_type_body(spec)["type"],
             "mechanisms": mechanisms,
             "private": private,
         }
@@ -232,13 +232,13 @@ class NetHSM(HSM):
         found by label even on a NetHSM without labels (before 5.0).
         """
         uses = check_new_key(spec, label, usage)
-        kid = keys.check_key_id(key_id) if key_id is not None else None
-        if kid is None and keys.is_key_id(label):
+        kid = vocabulary.check_key_id(key_id) if key_id is not None else None
+        if kid is None and vocabulary.is_key_id(label):
             kid = label
-        if not keys.label_fits(label) and kid != label:
+        if not vocabulary.label_fits(label) and kid != label:
             raise InvalidInput(
-                f"label {label!r} is longer than NetHSM's {keys.MAX_LABEL_BYTES}-byte labels and "
-                "is not a valid key ID either; use a shorter label, or one made of letters, "
+                f"label {label!r} is longer than NetHSM's {vocabulary.MAX_LABEL_BYTES}-byte labels "
+                "and is not a valid key ID either; use a shorter label, or one made of letters, "
                 "digits, '_', '.' and '-' (then it is also the key ID)"
             )
         if self._find(label):
@@ -248,7 +248,7 @@ class NetHSM(HSM):
             )
         if kid is not None and kid != label and self._fetch(kid) is not None:
             raise KeyExists(f"a key with id {kid!r} already exists on {self.description}")
-        return uses, kid, keys.mechanisms_for(spec, uses)
+        return uses, kid, vocabulary.mechanisms_for(spec, uses)
 
     def _send_labelled(
         self,
@@ -260,7 +260,7 @@ class NetHSM(HSM):
         """Create the key with ``label`` in the body, or without it on a NetHSM < 5.0."""
         new_id: str | None = None
         sent = False
-        if keys.label_fits(label) and self._labels_supported:
+        if vocabulary.label_fits(label) and self._labels_supported:
             try:
                 new_id, sent = send({**body, "label": label}), True
             except InvalidInput as exc:
@@ -280,21 +280,15 @@ class NetHSM(HSM):
         return new_id
 
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> NetHSMKey:
-        if label is None and key_id is None:
-            raise InvalidInput("get_key needs a label or a key_id")
-        if label is not None and (not isinstance(label, str) or not label):
-            raise InvalidInput(f"a key label is a non-empty string, not {label!r}")
+        wanted = check_lookup(label, key_id)
         if key_id is not None:
-            data = self._fetch(keys.check_key_id(key_id))
+            data = self._fetch(vocabulary.check_key_id(key_id))
             found = [] if data is None else [(key_id, data)]
             if label is not None:
                 found = [(i, d) for i, d in found if _label_of(i, d) == label]
         else:
             assert label is not None
             found = self._find(label)
-        wanted = " and ".join(
-            f"{k} {v!r}" for k, v in (("label", label), ("id", key_id)) if v is not None
-        )
         if not found:
             present = [item["id"] for item in self._key_list()][:20]
             raise KeyNotFound(
@@ -350,11 +344,11 @@ class NetHSM(HSM):
     def _find(self, label: str) -> list[tuple[str, dict[str, Any]]]:
         """Keys whose label is ``label`` (a key without a label is labelled by its ID)."""
         found: dict[str, dict[str, Any]] = {}
-        if keys.is_key_id(label):
+        if vocabulary.is_key_id(label):
             data = self._fetch(label)
             if data is not None and _label_of(label, data) == label:
                 found[label] = data
-        if not self._labels_supported or not keys.label_fits(label):
+        if not self._labels_supported or not vocabulary.label_fits(label):
             return list(found.items())
         for item in self._key_list(label):
             kid = str(item["id"])
@@ -397,10 +391,10 @@ def _label_of(kid: str, data: Mapping[str, Any]) -> str:
 
 
 def _info(kid: str, data: Mapping[str, Any]) -> KeyInfo | None:
-    spec = keys.spec_of(data)
+    spec = vocabulary.spec_of(data)
     if spec is None:
         return None
-    usage = keys.usage_of(str(m) for m in data.get("mechanisms", ()))
+    usage = vocabulary.usage_of(str(m) for m in data.get("mechanisms", ()))
     return KeyInfo(_label_of(kid, data), kid, spec, usage)
 
 
@@ -440,12 +434,12 @@ class NetHSMKey(Key):
         data = self.hsm._fetch(self.id)
         if data is None:
             raise KeyNotFound(f"key {self.label!r} no longer exists on {self.hsm.description}")
-        return keys.public_key_der(self.spec, data.get("public") or {})
+        return vocabulary.public_key_der(self.spec, data.get("public") or {})
 
     def _offers(self, op: str, besides: Mechanism) -> list[str]:
         """Mechanisms the key allows that the NetHSM has not refused, ``besides`` excluded."""
         refused = {m.value for m in self.hsm._refused} | {besides.value}
-        allowed = keys.offered_mechanisms(self.spec, self.mechanisms, sign=op == "sign")
+        allowed = vocabulary.offered_mechanisms(self.spec, self.mechanisms, sign=op == "sign")
         return [m for m in allowed if m not in refused]
 
     def _check_usage(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> str:
@@ -454,7 +448,7 @@ class NetHSMKey(Key):
                 f"key {self.label!r} was not made for {op} (its usage is "
                 f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
             )
-        needed, mode = keys.mode_for(mech)
+        needed, mode = vocabulary.mode_for(mech)
         if needed not in self.mechanisms:
             offered = self._offers(op, mech)
             raise MechanismNotSupported(
@@ -463,8 +457,29 @@ class NetHSMKey(Key):
             )
         return mode
 
+    def _run(
+        self,
+        op: Op,
+        mech: Mechanism,
+        items: Sequence[bytes],
+        *,
+        threads: int,
+        stop_on_error: bool,
+        ecdsa_format: str,
+    ) -> list[Result]:
+        """One request per item over pooled keep-alive connections, ``threads`` at a time.
+
+        The NetHSM answers ECDSA signatures in DER, converted only when r‖s is asked for.
+        """
+        raw = isinstance(self.spec, EC) and ecdsa_format == "raw"
+        # More threads than pooled connections would only queue on sockets.
+        limit = self.hsm.client.max_connections * len(self.hsm.client.instances)
+        return run_batch(
+            lambda: self._worker(op, mech, raw), items, min(threads, limit), stop_on_error
+        )
+
     @contextlib.contextmanager
-    def _worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> Iterator[Operation]:
+    def _worker(self, op: Op, mech: Mechanism, raw_ecdsa: bool) -> Iterator[Operation]:
         mode = self._check_usage(op, mech)
         client = self.hsm.client
         cred = self.hsm._cred(OPERATOR)
@@ -486,38 +501,20 @@ class NetHSMKey(Key):
 
         def operate(data: bytes) -> bytes:
             if isinstance(spec, EC):
-                data = keys.ecdsa_input(data, spec)
-            body = {"mode": mode, field: keys.b64encode(data)}
+                data = vocabulary.ecdsa_input(data, spec)
+            body = {"mode": mode, field: vocabulary.b64encode(data)}
             try:
                 answer = client.post_json(path, call, cred, body)
             except MechanismNotSupported:
                 refused.add(mech)  # e.g. a bridge on SoftHSM2 has OAEP with SHA-1 only
                 raise
-            out = keys.b64decode(_member(answer, answer_field), f"the {answer_field} data")
-            if isinstance(spec, EC):
+            out = vocabulary.b64decode(_member(answer, answer_field), f"the {answer_field} data")
+            if raw_ecdsa:
+                assert isinstance(spec, EC)
                 return ecdsa_der_to_raw(out, spec.field_bytes)
             return out
 
         yield operate
-
-    def _batch_worker(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> BatchWorker:
-        return self._worker(op, mech)
-
-    def _run_prepared(
-        self,
-        op: Literal["sign", "decrypt"],
-        mech: Mechanism,
-        items: Sequence[bytes],
-        threads: int,
-        return_exceptions: bool,
-        *,
-        ecdsa_der: bool = False,
-    ) -> list[bytes | HSMError]:
-        # More threads than pooled connections would only queue on sockets.
-        limit = self.hsm.client.max_connections * len(self.hsm.client.instances)
-        return super()._run_prepared(
-            op, mech, items, min(threads, limit), return_exceptions, ecdsa_der=ecdsa_der
-        )
 
     def _default_threads(self) -> int:
         client = self.hsm.client

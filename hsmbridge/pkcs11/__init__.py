@@ -1,5 +1,29 @@
-"""PKCS#11 backend on python-pkcs11: module loading, session pool, key types."""
+"""PKCS#11 backend on python-pkcs11.
 
-from .backend import Pkcs11HSM, Pkcs11Key
+Sessions and concurrency (the design, stated once; docs/design.md has the
+measured facts behind it):
+
+- **One module instance per process.** python-pkcs11 initialises a module
+  with ``C_Initialize(NULL)`` (single-threaded), yet releases the GIL around
+  calls; ``module.py`` re-initialises it with ``CKF_OS_LOCKING_OK`` before any
+  session opens (fact 1). A module that refuses is used by one thread.
+- **One login per token and process.** Login belongs to the application, not
+  the session, and closing a logged-in session logs every session out (fact
+  2). ``pool.py`` keeps one long-lived login session per token and process
+  (shared by every handle on it; a second handle must present the same PIN),
+  plus, per handle, an admin R/W session for key management (serialised by a
+  lock) and a bounded pool of worker sessions opened without a PIN, which
+  inherit the login. A worker that fails with a session or device error is
+  replaced and its operation repeated once.
+- **Keys.** :class:`Pkcs11HSM` (``backend.py``) manages keys through the admin
+  session; a :class:`Pkcs11Key` (``key.py``) runs sign/decrypt on worker
+  sessions: the native engine binds N pooled sessions to N pthreads for one
+  batch, the Python engine binds one session per thread. Batches use a
+  session-object copy of the key (``copies.py``, fact 5).
+- **What the token can do** is learned, not assumed (``capabilities.py``).
+"""
+
+from .backend import Pkcs11HSM
+from .key import Pkcs11Key
 
 __all__ = ["Pkcs11HSM", "Pkcs11Key"]

@@ -8,15 +8,15 @@ from typing import Any
 import pkcs11
 from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
-from pkcs11 import Attribute, KeyType
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import Mechanism as CKM
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from .. import curves
 from ..api import EC
 from ..errors import InvalidInput
-
-_OID = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
-_BY_OID = {v: k for k, v in _OID.items()}
+from ..export import int_to_bytes
+from .templates import Template
 
 
 def generate(
@@ -24,7 +24,7 @@ def generate(
 ) -> tuple[Any, Any]:
     params = session.create_domain_parameters(
         KeyType.EC,
-        {Attribute.EC_PARAMS: encode_named_curve_parameters(_OID[spec.curve])},
+        {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve_info.oid_name)},
         local=True,
     )
     return params.generate_keypair(
@@ -43,10 +43,15 @@ def _curve_name(ec_params: bytes) -> str:
 
 
 def spec_of(obj: Any) -> EC:
-    name = _curve_name(obj[Attribute.EC_PARAMS])
-    if name not in _BY_OID:
-        raise InvalidInput(f"EC curve {name} is not supported; use P-256, P-384 or P-521")
-    return EC(_BY_OID[name])
+    return spec_of_curve(_curve_name(obj[Attribute.EC_PARAMS]))
+
+
+def spec_of_curve(oid_name: str) -> EC:
+    """The spec of a named curve (``secp256r1``), or InvalidInput for curves hsmbridge lacks."""
+    curve = curves.by_oid_name(oid_name)
+    if curve is None:
+        raise InvalidInput(f"EC curve {oid_name} is not supported; use {curves.NAMES}")
+    return EC(curve.name)
 
 
 def public_key_der(obj: Any) -> bytes:
@@ -71,5 +76,23 @@ def mechanism() -> tuple[CKM, None]:
     return CKM.ECDSA, None
 
 
-def output_length(spec: EC) -> int:
-    return 2 * spec.field_bytes
+def import_templates(key: Any, public: Template, private: Template) -> tuple[Template, Template]:
+    """C_CreateObject templates for a ``cryptography`` EC private key and its public half."""
+    from cryptography.hazmat.primitives import serialization
+
+    spec = spec_of_curve(key.curve.name)
+    params = encode_named_curve_parameters(spec.curve_info.oid_name)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    scalar = int_to_bytes(key.private_numbers().private_value, spec.field_bytes)
+    shared = {Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params}
+    return (
+        {
+            **public,
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            **shared,
+            Attribute.EC_POINT: bytes(asn1_core.OctetString(point).dump()),
+        },
+        {**private, Attribute.CLASS: ObjectClass.PRIVATE_KEY, **shared, Attribute.VALUE: scalar},
+    )

@@ -7,11 +7,13 @@ from typing import Any
 import pkcs11
 from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
-from pkcs11 import MGF, Attribute, KeyType
+from pkcs11 import MGF, Attribute, KeyType, ObjectClass
 from pkcs11 import Mechanism as CKM
 
 from ..api import RSA
+from ..export import int_to_bytes
 from ..mechanisms import Mechanism
+from .templates import Template
 
 _HASH = {
     "sha1": (CKM.SHA_1, MGF.SHA1),
@@ -72,5 +74,23 @@ def native_param(mech: Mechanism) -> tuple[Any, ...] | None:
     return ("oaep", int(param[0]), int(param[1]))
 
 
-def output_length(obj: Any) -> int:
-    return len(obj[Attribute.MODULUS])
+def import_templates(key: Any, public: Template, private: Template) -> tuple[Template, Template]:
+    """C_CreateObject templates for a ``cryptography`` RSA private key and its public half."""
+    n = key.private_numbers()
+    shared = {
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.MODULUS: int_to_bytes(n.public_numbers.n),
+        Attribute.PUBLIC_EXPONENT: int_to_bytes(n.public_numbers.e),
+    }
+    secret = {
+        Attribute.PRIVATE_EXPONENT: int_to_bytes(n.d),
+        Attribute.PRIME_1: int_to_bytes(n.p),
+        Attribute.PRIME_2: int_to_bytes(n.q),
+        Attribute.EXPONENT_1: int_to_bytes(n.dmp1),
+        Attribute.EXPONENT_2: int_to_bytes(n.dmq1),
+        Attribute.COEFFICIENT: int_to_bytes(n.iqmp),
+    }
+    return (
+        {**public, Attribute.CLASS: ObjectClass.PUBLIC_KEY, **shared},
+        {**private, Attribute.CLASS: ObjectClass.PRIVATE_KEY, **shared, **secret},
+    )

@@ -13,10 +13,13 @@ from typing import Any
 
 from pkcs11 import Attribute
 
+#: a PKCS#11 attribute template
+Template = dict[Attribute, Any]
+
 
 def key_pair_templates(
     key_id: bytes, label: str, usage: frozenset[str]
-) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
+) -> tuple[Template, Template]:
     """(public template, private template) for C_GenerateKeyPair."""
     sign = "sign" in usage
     decrypt = "decrypt" in usage

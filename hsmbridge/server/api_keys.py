@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
 from starlette.responses import JSONResponse, Response
 
 from ..api import Key
-from ..errors import HSMError, KeyExists
+from ..nethsm import vocabulary
 from . import csr, importer, keys
 from .bridge import Bridge, Req, check_id
-from .errors import ApiError, bad_request, from_hsm_error, not_found
-from .state import KeyRecord, Store
+from .errors import ApiError, bad_request, not_found
+from .state import KeyRecord
 
 MAX_CERT = 1024 * 1024
 CERT_TYPES = {
@@ -59,23 +61,15 @@ def get_key(b: Bridge, req: Req) -> Response:
         "mechanisms": rec.mechanisms,
         "type": rec.type,
         "restrictions": {"tags": rec.tags} if rec.tags else {},
-        "public": keys.public_data(_public_der(key)),
+        "public": vocabulary.public_data(key.public_key_der()),
         "operations": rec.operations,
         "label": rec.label,
     }
     return JSONResponse(body)
 
 
-def _public_der(key: Key) -> bytes:
-    try:
-        return key.public_key_der()
-    except HSMError as exc:
-        raise from_hsm_error(exc) from None
-
-
 def public_pem(b: Bridge, req: Req) -> Response:
     key = b.backend_key(b.key_record(req.path["KeyID"]))
-    _public_der(key)
     return Response(key.public_key_pem(), media_type="application/x-pem-file")
 
 
@@ -101,32 +95,10 @@ def _label(value: object) -> str:
     return value
 
 
-def _register(b: Bridge, rec: KeyRecord) -> None:
-    """Commit a pending record first, so a crash during creation can be undone on start."""
-    with b.store.transaction() as tx:
-        if Store.exists_key(tx, rec.id):
-            raise ApiError(409, f"a key with the ID {rec.id} already exists")
-        Store.put_key(tx, rec)
-
-
-def _create(b: Bridge, rec: KeyRecord, make: Any) -> None:
-    """Create the backend key with ``make(label)``, then mark the record ready."""
-    _register(b, rec)
-    try:
-        try:
-            key = make(rec.backend_label)
-        except KeyExists:  # the label is taken in the token (e.g. by a moved key)
-            rec.backend_label = f"{rec.id}.{rec.backend_id[:8]}"
-            key = make(rec.backend_label)
-    except BaseException:
-        with b.store.transaction() as tx:
-            Store.delete_key(tx, rec.id)
-        raise
-    rec.status = "ready"
-    with b.store.transaction() as tx:
-        Store.put_key(tx, rec)
-    with b._keys_lock:
-        b._keys[rec.backend_id] = key
+def _create(b: Bridge, rec: KeyRecord, make: Callable[[str], Key]) -> None:
+    """Create the backend key with ``make(backend_label)`` and register it two-phase."""
+    if not b.create_key(rec, make):
+        raise ApiError(409, f"a key with the ID {rec.id} already exists")
 
 
 def _new_record(
@@ -135,11 +107,11 @@ def _new_record(
     return KeyRecord(
         id=key_id,
         type=key_type,
-        mechanisms=mechanisms,
+        mechanisms=tuple(mechanisms),
         backend_id=os.urandom(16).hex(),
         backend_label=key_id,
         label=_label(body.get("label")),
-        tags=_restrictions(body.get("restrictions")),
+        tags=tuple(_restrictions(body.get("restrictions"))),
         status="pending",
     )
 
@@ -153,24 +125,18 @@ def _created(req: Req, key_id: str) -> Response:
 def generate(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mechanisms", "type"}, _GENERATE_FIELDS)
     key_type = body["type"]
-    if not isinstance(key_type, str) or key_type not in keys.ALL_TYPES:
+    if not isinstance(key_type, str) or key_type not in vocabulary.ALL_TYPES:
         raise bad_request(f"unknown key type {key_type!r}")
-    spec = keys.spec_for(key_type, body.get("length"))
-    mechanisms = keys.check_mechanisms(key_type, body["mechanisms"])
+    spec = vocabulary.spec_for(key_type, body.get("length"))
+    mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
     key_id = body.get("id")
     key_id = secrets.token_hex(10) if key_id in (None, "") else check_id(str(key_id))
     rec = _new_record(key_id, key_type, mechanisms, body)
-    usage = keys.usage_for(mechanisms)
+    usage = vocabulary.usage_of(mechanisms)
 
-    def make(label: str) -> Key:
-        try:
-            return b.hsm.generate_key(spec, label, usage=usage, key_id=rec.backend_id)
-        except KeyExists:
-            raise
-        except HSMError as exc:
-            raise from_hsm_error(exc) from None
-
-    _create(b, rec, make)
+    _create(
+        b, rec, lambda label: b.hsm.generate_key(spec, label, usage=usage, key_id=rec.backend_id)
+    )
     return _created(req, key_id)
 
 
@@ -187,24 +153,24 @@ def _import_body(req: Req) -> tuple[str, importer.PrivateKey, list[str], dict[st
         if pem is None:
             raise bad_request("the multipart body needs a 'key_file' part with a PEM private key")
         key_type, private = importer.from_pem(pem if isinstance(pem, bytes) else pem.encode())
-        mechanisms = keys.check_mechanisms(key_type, args.get("mechanisms"))
+        mechanisms = vocabulary.check_mechanisms(key_type, args.get("mechanisms"))
         return key_type, private, mechanisms, args
     body = req.json_object({"mechanisms", "type", "private"}, _IMPORT_FIELDS)
     key_type = body["type"]
-    if not isinstance(key_type, str) or key_type not in keys.ALL_TYPES:
+    if not isinstance(key_type, str) or key_type not in vocabulary.ALL_TYPES:
         raise bad_request(f"unknown key type {key_type!r}")
-    mechanisms = keys.check_mechanisms(key_type, body["mechanisms"])
+    mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
     return key_type, importer.from_json(key_type, body["private"]), mechanisms, body
 
 
 def _import(b: Bridge, req: Req, key_id: str) -> None:
     key_type, private, mechanisms, args = _import_body(req)
     rec = _new_record(key_id, key_type, mechanisms, args)
-    usage = keys.usage_for(mechanisms)
+    usage = vocabulary.usage_of(mechanisms)
     _create(
         b,
         rec,
-        lambda label: importer.import_key(b.hsm, private, key_type, label, rec.backend_id, usage),
+        lambda label: importer.import_key(b.hsm, private, label, rec.backend_id, usage),
     )
 
 
@@ -226,19 +192,8 @@ def import_put(b: Bridge, req: Req) -> Response:
 
 
 def delete_key(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
-    rec.status = "deleting"
-    with b.store.transaction() as tx:
-        Store.put_key(tx, rec)
-    b.destroy_backend_key(rec.backend_id)
-    with b.store.transaction() as tx:
-        Store.delete_key(tx, rec.id)
+    b.delete_key(b.key_record(req.path["KeyID"]))
     return Response(status_code=204)
-
-
-def _update(b: Bridge, rec: KeyRecord) -> None:
-    with b.store.transaction() as tx:
-        Store.put_key(tx, rec)
 
 
 def set_label(b: Bridge, req: Req) -> Response:
@@ -246,16 +201,14 @@ def set_label(b: Bridge, req: Req) -> Response:
     label = _label(req.json_object({"label"})["label"])
     if label == rec.label:
         return Response(status_code=304)
-    rec.label = label
-    _update(b, rec)
+    b.store.save_key(replace(rec, label=label))
     return Response(status_code=204)
 
 
 def delete_label(b: Bridge, req: Req) -> Response:
     rec = b.key_record(req.path["KeyID"])
     if rec.label:
-        rec.label = ""
-        _update(b, rec)
+        b.store.save_key(replace(rec, label=""))
     return Response(status_code=204)
 
 
@@ -265,17 +218,13 @@ def move(b: Bridge, req: Req) -> Response:
     if not isinstance(new_id, str):
         raise bad_request("newId must be a string")
     check_id(new_id, "newId")
-    rec = b.key_record(old_id)
-    with b.store.transaction() as tx:  # uses not yet written follow the backend id
-        if Store.exists_key(tx, new_id):
-            raise ApiError(409, f"a key with the ID {new_id} already exists")
-        current = tx.execute("SELECT operations FROM keys WHERE id=?", (old_id,)).fetchone()
-        if current is None:
-            raise not_found(f"key {old_id}")
-        Store.delete_key(tx, old_id)
-        rec.id = new_id
-        rec.operations = int(current["operations"])
-        Store.put_key(tx, rec)
+    b.key_record(old_id)
+    try:
+        moved = b.store.move_key(old_id, new_id)  # uses not yet written follow the backend id
+    except KeyError:
+        raise not_found(f"key {old_id}") from None
+    if not moved:
+        raise ApiError(409, f"a key with the ID {new_id} already exists")
     return JSONResponse({"id": new_id})
 
 
@@ -284,8 +233,7 @@ def put_key_tag(b: Bridge, req: Req) -> Response:
     tag = check_id(req.path["Tag"], "tag")
     if tag in rec.tags:
         return Response(status_code=304)
-    rec.tags = sorted([*rec.tags, tag])
-    _update(b, rec)
+    b.store.save_key(replace(rec, tags=tuple(sorted([*rec.tags, tag]))))
     return Response(status_code=204)
 
 
@@ -294,8 +242,7 @@ def delete_key_tag(b: Bridge, req: Req) -> Response:
     tag = req.path["Tag"]
     if tag not in rec.tags:
         raise not_found(f"tag {tag} of key {rec.id}")
-    rec.tags = [t for t in rec.tags if t != tag]
-    _update(b, rec)
+    b.store.save_key(replace(rec, tags=tuple(t for t in rec.tags if t != tag)))
     return Response(status_code=204)
 
 
@@ -325,8 +272,7 @@ def put_cert(b: Bridge, req: Req) -> Response:
         raise bad_request("the body is not an X.509 certificate (PEM or DER)") from None
     if rec.cert is not None:
         raise ApiError(409, f"key {rec.id} already has a certificate; delete it first")
-    rec.cert, rec.cert_type = req.body, media
-    _update(b, rec)
+    b.store.save_key(replace(rec, cert=req.body, cert_type=media))
     return Response(status_code=201)
 
 
@@ -334,8 +280,7 @@ def delete_cert(b: Bridge, req: Req) -> Response:
     rec = b.key_record(req.path["KeyID"])
     if rec.cert is None:
         raise not_found(f"certificate of key {rec.id}")
-    rec.cert = rec.cert_type = None
-    _update(b, rec)
+    b.store.save_key(replace(rec, cert=None, cert_type=None))
     return Response(status_code=204)
 
 
@@ -353,7 +298,7 @@ def sign(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mode", "message"})
     rec, key = _usable(b, req)
     message = keys.unb64(body["message"], "message")
-    signature = keys.sign(key, rec.id, rec.mechanisms, str(body["mode"]), message)
+    signature = keys.sign(key, rec.id, list(rec.mechanisms), str(body["mode"]), message)
     b.store.count_operation(rec)
     return JSONResponse({"signature": keys.b64(signature)})
 
@@ -362,7 +307,7 @@ def decrypt(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mode", "encrypted"}, {"iv"})
     rec, key = _usable(b, req)
     data = keys.unb64(body["encrypted"], "encrypted")
-    plaintext = keys.decrypt(key, rec.id, rec.mechanisms, str(body["mode"]), data)
+    plaintext = keys.decrypt(key, rec.id, list(rec.mechanisms), str(body["mode"]), data)
     b.store.count_operation(rec)
     return JSONResponse({"decrypted": keys.b64(plaintext)})
 

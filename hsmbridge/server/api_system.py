@@ -15,7 +15,6 @@ from .auth import check_passphrase_strength, hash_passphrase, verify_passphrase
 from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
 from .errors import ApiError, bad_request
 from .keys import b64
-from .state import Store
 from .tls import public_key_pem
 
 
@@ -53,13 +52,7 @@ def provision(b: Bridge, req: Req) -> Response:
     _check_time(body["systemTime"])
     admin_user = b.new_user("admin", "admin", "Administrator", admin)
     unlock_hash = hash_passphrase(unlock)
-    with b._state_lock:
-        b.require_state(UNPROVISIONED)
-        with b.store.transaction() as tx:
-            Store.put_user(tx, admin_user)
-            Store.set_setting(tx, "unlock_hash", unlock_hash)
-            Store.set_setting(tx, "provisioned", "1")
-        b._state = OPERATIONAL
+    b.provision(admin_user, unlock_hash)
     return Response(status_code=204)
 
 
@@ -124,8 +117,7 @@ def set_unlock_passphrase(b: Bridge, req: Req) -> Response:
     ):
         raise bad_request("currentPassphrase is not the current unlock passphrase")
     new_hash = hash_passphrase(new)
-    with b.store.transaction() as tx:
-        Store.set_setting(tx, "unlock_hash", new_hash)
+    b.store.set_settings(unlock_hash=new_hash)
     return Response(status_code=204)
 
 
@@ -137,8 +129,7 @@ def set_unattended_boot(b: Bridge, req: Req) -> Response:
     status = req.json_object({"status"})["status"]
     if status not in ("on", "off"):
         raise bad_request("status must be 'on' or 'off'")
-    with b.store.transaction() as tx:
-        Store.set_setting(tx, "unattended_boot", status)
+    b.store.set_settings(unattended_boot=status)
     return Response(status_code=204)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from .auth import check_passphrase_strength, hash_passphrase
 from .bridge import ROLES, Bridge, Req, check_id, check_user_id
 from .errors import ApiError, bad_request, not_found
-from .state import Store, UserRecord
+from .state import UserRecord
 
 _USER_FIELDS = {"realName", "role", "passphrase"}
 
@@ -43,10 +43,8 @@ def _user_body(req: Req) -> dict[str, Any]:
 def _create(b: Bridge, req: Req, user_id: str) -> None:
     body = _user_body(req)
     user = b.new_user(user_id, body["realName"], body["role"], body["passphrase"])
-    with b.store.transaction() as tx:
-        if tx.execute("SELECT 1 FROM users WHERE id=?", (user_id,)).fetchone():
-            raise ApiError(409, f"a user with the ID {user_id} already exists")
-        Store.put_user(tx, user)
+    if not b.store.add_user(user):
+        raise ApiError(409, f"a user with the ID {user_id} already exists")
 
 
 def list_users(b: Bridge, req: Req) -> Response:
@@ -82,8 +80,7 @@ def delete_user(b: Bridge, req: Req) -> Response:
     assert req.user is not None
     if user.id == req.user.id:
         raise bad_request("you cannot delete yourself; ask another administrator")
-    with b.store.transaction() as tx:
-        tx.execute("DELETE FROM users WHERE id=?", (user.id,))
+    b.store.delete_user(user.id)
     return Response(status_code=204)
 
 
@@ -92,8 +89,7 @@ def set_passphrase(b: Bridge, req: Req) -> Response:
     _self_or_admin(req, user.id)
     passphrase = check_passphrase_strength(req.json_object({"passphrase"})["passphrase"])
     new_hash = hash_passphrase(passphrase)  # cached logins die with the old hash
-    with b.store.transaction() as tx:
-        tx.execute("UPDATE users SET pass_hash=? WHERE id=?", (new_hash, user.id))
+    b.store.update_user(replace(user, pass_hash=new_hash))
     return Response(status_code=204)
 
 
@@ -104,8 +100,7 @@ def get_tags(b: Bridge, req: Req) -> Response:
 
 
 def _set_tags(b: Bridge, user: UserRecord, tags: list[str]) -> None:
-    with b.store.transaction() as tx:
-        tx.execute("UPDATE users SET tags=? WHERE id=?", (json.dumps(sorted(tags)), user.id))
+    b.store.update_user(replace(user, tags=tuple(sorted(tags))))
 
 
 def put_tag(b: Bridge, req: Req) -> Response:

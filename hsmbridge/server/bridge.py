@@ -6,20 +6,21 @@ thread pool so blocking HSM and argon2 calls never stall the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..api import HSM, Key
-from ..errors import HSMError, KeyNotFound
+from ..errors import HSMError, KeyExists, KeyNotFound
 from .auth import CredentialCache, hash_passphrase, parse_basic, verify_passphrase
-from .errors import ApiError, bad_request, from_hsm_error, not_found
+from .errors import ApiError, bad_request, not_found
 from .state import KeyRecord, Store, UserRecord
 
 log = logging.getLogger("hsmbridge.server")
@@ -189,8 +190,6 @@ class Bridge:
                     f"key {rec.id} is registered but its backend key is gone from "
                     f"{self.hsm.description}; delete it and generate a new one",
                 ) from None
-            except HSMError as exc:
-                raise from_hsm_error(exc) from None
             with self._keys_lock:
                 self._keys[rec.backend_id] = key
         return key
@@ -198,6 +197,35 @@ class Bridge:
     def forget_key(self, backend_id: str) -> None:
         with self._keys_lock:
             self._keys.pop(backend_id, None)
+
+    def create_key(self, rec: KeyRecord, make: Callable[[str], Key]) -> bool:
+        """Create a key two-phase; False if its id is taken.
+
+        The ``pending`` record is committed first, so a crash during
+        ``make(backend_label)`` is undone on the next start (:meth:`reconcile`).
+        A backend label taken in the token (e.g. by a moved key) gets a suffix.
+        """
+        if not self.store.register_key(rec):
+            return False
+        try:
+            try:
+                key = make(rec.backend_label)
+            except KeyExists:
+                rec = replace(rec, backend_label=f"{rec.id}.{rec.backend_id[:8]}")
+                key = make(rec.backend_label)
+        except BaseException:
+            self.store.remove_key(rec.id)
+            raise
+        self.store.save_key(replace(rec, status="ready"))
+        with self._keys_lock:
+            self._keys[rec.backend_id] = key
+        return True
+
+    def delete_key(self, rec: KeyRecord) -> None:
+        """Delete a key two-phase: mark it ``deleting``, destroy it in the HSM, drop the record."""
+        self.store.save_key(replace(rec, status="deleting"))
+        self.destroy_backend_key(rec.backend_id)
+        self.store.remove_key(rec.id)
 
     def check_tags(self, user: UserRecord | None, rec: KeyRecord) -> None:
         """An operator may use a tagged key only if it shares one of its tags."""
@@ -220,29 +248,31 @@ class Bridge:
     def destroy_backend_key(self, backend_id: str) -> None:
         """Delete a key from the HSM; a key already gone is fine."""
         self.forget_key(backend_id)
-        try:
+        with contextlib.suppress(KeyNotFound):
             self.hsm.get_key(key_id=backend_id).delete()
-        except KeyNotFound:
-            pass
-        except HSMError as exc:
-            raise from_hsm_error(exc) from None
 
     def reconcile(self) -> None:
         """Finish or undo key creations and deletions a crash interrupted."""
         for rec in self.store.unfinished():
             try:
                 self.destroy_backend_key(rec.backend_id)
-            except ApiError as exc:
+            except HSMError as exc:
                 log.warning("could not clean up key %s (%s): %s", rec.id, rec.status, exc.message)
                 continue
-            with self.store.transaction() as tx:
-                self.store.delete_key(tx, rec.id)
+            self.store.remove_key(rec.id)
             log.info("removed key %s left %s by an interrupted request", rec.id, rec.status)
 
     # -- users -----------------------------------------------------------------------
 
     def new_user(self, user_id: str, real_name: str, role: str, passphrase: str) -> UserRecord:
         return UserRecord(user_id, real_name, role, hash_passphrase(passphrase))
+
+    def provision(self, admin: UserRecord, unlock_hash: str) -> None:
+        """Store the first administrator and unlock passphrase; Unprovisioned -> Operational."""
+        with self._state_lock:
+            self.require_state(UNPROVISIONED)
+            self.store.provision(admin, unlock_hash)
+            self._state = OPERATIONAL
 
     def close(self) -> None:
         self.store.close()

@@ -17,8 +17,7 @@ from asn1crypto import keys as asn1_keys
 from asn1crypto import pem, x509
 
 from ..api import EC, Key
-from ..errors import HSMError
-from .errors import bad_request, from_hsm_error
+from .errors import bad_request
 
 #: DistinguishedName property -> asn1crypto name attribute.
 DN_FIELDS = {
@@ -30,8 +29,6 @@ DN_FIELDS = {
     "commonName": "common_name",
     "emailAddress": "email_address",
 }
-_EC_ALGO = {"P-256": ("sha256_ecdsa", "ecdsa-sha256"), "P-384": ("sha384_ecdsa", "ecdsa-sha384"),
-            "P-521": ("sha512_ecdsa", "ecdsa-sha512")}  # fmt: skip
 
 
 def _general_names(sans: list[str]) -> list[x509.GeneralName]:
@@ -76,13 +73,11 @@ def build_csr(key: Key, dn: dict[str, Any]) -> str:
     except (ValueError, TypeError) as exc:
         raise bad_request(f"cannot encode the distinguished name: {exc}") from None
     if isinstance(key.spec, EC):
-        algorithm, mech = _EC_ALGO[key.spec.curve]
+        hash_name = key.spec.curve_info.hash_name
+        algorithm, mech = f"{hash_name}_ecdsa", f"ecdsa-{hash_name}"
     else:
         algorithm, mech = "sha256_rsa", "rsa-pkcs1-sha256"
-    try:
-        signature = key.sign(tbs, mech)
-    except HSMError as exc:
-        raise from_hsm_error(exc) from None
+    signature = key.sign(tbs, mech)
     request = asn1_csr.CertificationRequest(
         {
             "certification_request_info": info,

@@ -1,31 +1,18 @@
-"""Importing private key material into a PKCS#11 token (NetHSM key import).
+"""Private keys in NetHSM's import formats (KeyPrivateData JSON, PEM) for the bridge.
 
-The key is written with C_CreateObject as a token object that is private,
-sensitive and never extractable (the same template as generated keys, from
-:mod:`hsmbridge.pkcs11.templates`), with its public half beside it under the
-same CKA_ID. Backends other than PKCS#11 cannot import through the hsmbridge
-API, so the bridge answers 501 for them.
+Parsing and checking happen here; storing goes through the backend's
+:meth:`hsmbridge.HSM.import_key`, so the bridge imports into any backend.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .. import curves
 from ..api import HSM, Key
-from ..errors import HSMError
-from .errors import bad_request, from_hsm_error, not_implemented
-from .keys import EC_TYPES, unb64
-
-_CURVES: dict[str, ec.EllipticCurve] = {
-    "EC_P256": ec.SECP256R1(),
-    "EC_P384": ec.SECP384R1(),
-    "EC_P521": ec.SECP521R1(),
-}
-_OIDS = {"EC_P256": "secp256r1", "EC_P384": "secp384r1", "EC_P521": "secp521r1"}
-_TYPE_OF_CURVE = {"secp256r1": "EC_P256", "secp384r1": "EC_P384", "secp521r1": "EC_P521"}
+from .errors import bad_request
+from .keys import unb64
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -52,9 +39,10 @@ def from_json(key_type: str, private: object) -> PrivateKey:
                 rsa.RSAPublicNumbers(e, p * q),
             )  # fmt: skip
             return numbers.private_key()
-        if key_type in EC_TYPES:
+        curve = curves.by_nethsm_type(key_type)
+        if curve is not None:
             scalar = _int(unb64(private.get("data"), "private.data"))
-            return ec.derive_private_key(scalar, _CURVES[key_type])
+            return ec.derive_private_key(scalar, curve.crypto_curve())
     except (ValueError, ZeroDivisionError) as exc:
         raise bad_request(f"the {key_type} private key is invalid: {exc}") from None
     raise bad_request(f"importing {key_type} keys is not supported by hsmbridge serve")
@@ -68,94 +56,15 @@ def from_pem(pem: bytes) -> tuple[str, PrivateKey]:
         raise bad_request(f"key_file is not an unencrypted PEM private key: {exc}") from None
     if isinstance(key, rsa.RSAPrivateKey):
         return "RSA", key
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _TYPE_OF_CURVE:
-        return _TYPE_OF_CURVE[key.curve.name], key
-    raise bad_request("only RSA and EC P-256/P-384/P-521 private keys can be imported")
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        curve = curves.by_oid_name(key.curve.name)
+        if curve is not None:
+            return curve.nethsm_type, key
+    raise bad_request(f"only RSA and EC ({curves.NAMES}) private keys can be imported")
 
 
 def import_key(
-    hsm: HSM, key: PrivateKey, key_type: str, label: str, backend_id: str, usage: set[str]
+    hsm: HSM, key: PrivateKey, label: str, backend_id: str, usage: frozenset[str]
 ) -> Key:
-    """Write ``key`` into the token under CKA_ID ``backend_id``; return the hsmbridge key."""
-    try:
-        from ..pkcs11.backend import Pkcs11HSM
-    except ImportError:  # pragma: no cover - python-pkcs11 is a dependency
-        Pkcs11HSM = None  # type: ignore[assignment,misc]
-    if Pkcs11HSM is None or not isinstance(hsm, Pkcs11HSM):
-        raise not_implemented(f"importing private keys into {hsm.description}")
-    from pkcs11 import Attribute, KeyType, ObjectClass
-    from pkcs11.util.ec import encode_named_curve_parameters
-
-    from ..pkcs11.templates import key_pair_templates
-
-    raw_id = bytes.fromhex(backend_id)
-    public_t, private_t = key_pair_templates(raw_id, label, frozenset(usage))
-    public_t[Attribute.CLASS] = ObjectClass.PUBLIC_KEY
-    private_t[Attribute.CLASS] = ObjectClass.PRIVATE_KEY
-    if isinstance(key, rsa.RSAPrivateKey):
-        n = key.private_numbers()
-        pub: dict[Any, Any] = {
-            Attribute.KEY_TYPE: KeyType.RSA,
-            Attribute.MODULUS: _bytes(n.public_numbers.n),
-            Attribute.PUBLIC_EXPONENT: _bytes(n.public_numbers.e),
-        }
-        public_t.update(pub)
-        private_t.update(pub)
-        private_t.update(
-            {
-                Attribute.PRIVATE_EXPONENT: _bytes(n.d),
-                Attribute.PRIME_1: _bytes(n.p),
-                Attribute.PRIME_2: _bytes(n.q),
-                Attribute.EXPONENT_1: _bytes(n.dmp1),
-                Attribute.EXPONENT_2: _bytes(n.dmq1),
-                Attribute.COEFFICIENT: _bytes(n.iqmp),
-            }
-        )
-    else:
-        params = encode_named_curve_parameters(_OIDS[key_type])
-        point = key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
-        size = (key.curve.key_size + 7) // 8
-        public_t.update(
-            {
-                Attribute.KEY_TYPE: KeyType.EC,
-                Attribute.EC_PARAMS: params,
-                Attribute.EC_POINT: _der_octet_string(point),
-            }
-        )
-        private_t.update(
-            {
-                Attribute.KEY_TYPE: KeyType.EC,
-                Attribute.EC_PARAMS: params,
-                Attribute.VALUE: key.private_numbers().private_value.to_bytes(size, "big"),
-            }
-        )
-    try:
-        with hsm.pool.admin() as session:
-            public_obj = session.create_object(public_t)
-            try:
-                session.create_object(private_t)
-            except Exception:
-                public_obj.destroy()
-                raise
-    except HSMError as exc:
-        raise from_hsm_error(exc) from None
-    except Exception as exc:
-        from ..pkcs11.errormap import translate
-
-        raise from_hsm_error(translate(exc, what="importing the key")) from None
-    try:
-        return hsm.get_key(key_id=backend_id)
-    except HSMError as exc:
-        raise from_hsm_error(exc) from None
-
-
-def _bytes(value: int) -> bytes:
-    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
-
-
-def _der_octet_string(data: bytes) -> bytes:
-    from asn1crypto.core import OctetString
-
-    return bytes(OctetString(data).dump())
+    """Store ``key`` in the HSM under the backend id ``backend_id``."""
+    return hsm.import_key(key, label, usage=usage, key_id=backend_id)

@@ -16,14 +16,13 @@ put back a record older than the last commit.
 
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SCHEMA = """
@@ -53,22 +52,29 @@ CREATE TABLE IF NOT EXISTS keys (
 
 @dataclass(frozen=True)
 class UserRecord:
+    """A user as stored; shared by every request, so never changed (``replace`` it)."""
+
     id: str
     real_name: str
     role: str
     pass_hash: str = field(repr=False)
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeyRecord:
+    """A key's metadata as stored; shared by every request, so never changed (``replace`` it).
+
+    ``status`` is ``pending`` (being created), ``ready`` or ``deleting``.
+    """
+
     id: str
     type: str
-    mechanisms: list[str]
+    mechanisms: tuple[str, ...]
     backend_id: str
     backend_label: str
     label: str = ""
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
     cert: bytes | None = None
     cert_type: str | None = None
     operations: int = 0
@@ -134,6 +140,12 @@ class Store:
 
     # -- settings ------------------------------------------------------------------
 
+    def set_settings(self, **values: str) -> None:
+        """Write settings in one transaction."""
+        with self.transaction() as tx:
+            for name, value in values.items():
+                Store.set_setting(tx, name, value)
+
     def get_setting(self, name: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
@@ -164,6 +176,31 @@ class Store:
     def list_users(self) -> list[str]:
         with self._lock:
             return [r["id"] for r in self._db.execute("SELECT id FROM users ORDER BY id")]
+
+    def add_user(self, user: UserRecord) -> bool:
+        """Insert a new user; False (and nothing written) if the id is taken."""
+        with self.transaction() as tx:
+            cursor = tx.execute(
+                "INSERT OR IGNORE INTO users(id, real_name, role, pass_hash, tags) "
+                "VALUES(?, ?, ?, ?, ?)",
+                (user.id, user.real_name, user.role, user.pass_hash, json.dumps(user.tags)),
+            )
+            return cursor.rowcount == 1
+
+    def update_user(self, user: UserRecord) -> None:
+        with self.transaction() as tx:
+            Store.put_user(tx, user)
+
+    def delete_user(self, user_id: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM users WHERE id=?", (user_id,))
+
+    def provision(self, admin: UserRecord, unlock_hash: str) -> None:
+        """The first administrator and the unlock passphrase, in one transaction."""
+        with self.transaction() as tx:
+            Store.put_user(tx, admin)
+            Store.set_setting(tx, "unlock_hash", unlock_hash)
+            Store.set_setting(tx, "provisioned", "1")
 
     @staticmethod
     def put_user(tx: sqlite3.Connection, user: UserRecord) -> None:
@@ -198,9 +235,8 @@ class Store:
             cached = self.key_for_use(key_id)
             if cached is None:
                 return None
-            rec = copy.copy(cached)  # fields are replaced, never changed in place
-            rec.operations += list(self._ops).count(rec.backend_id)
-            return rec
+            unwritten = list(self._ops).count(cached.backend_id)
+            return replace(cached, operations=cached.operations + unwritten)
 
     def list_keys(self) -> list[KeyRecord]:
         with self._lock:
@@ -212,6 +248,38 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT * FROM keys WHERE status!='ready'")
             return [_key(r) for r in rows]
+
+    def register_key(self, rec: KeyRecord) -> bool:
+        """Insert a new key record; False (and nothing written) if its id is taken."""
+        with self.transaction() as tx:
+            if Store.exists_key(tx, rec.id):
+                return False
+            Store.put_key(tx, rec)
+            return True
+
+    def save_key(self, rec: KeyRecord) -> None:
+        """Write a key record's fields (not its operation count, see :meth:`put_key`)."""
+        with self.transaction() as tx:
+            Store.put_key(tx, rec)
+
+    def remove_key(self, key_id: str) -> None:
+        with self.transaction() as tx:
+            Store.delete_key(tx, key_id)
+
+    def move_key(self, old_id: str, new_id: str) -> bool:
+        """Give a key a new id, keeping its backend key and count; False if ``new_id`` is taken.
+
+        Raises KeyError when ``old_id`` is gone (deleted meanwhile).
+        """
+        with self.transaction() as tx:
+            if Store.exists_key(tx, new_id):
+                return False
+            row = tx.execute("SELECT * FROM keys WHERE id=?", (old_id,)).fetchone()
+            if row is None:
+                raise KeyError(old_id)
+            Store.delete_key(tx, old_id)
+            Store.put_key(tx, replace(_key(row), id=new_id))
+            return True
 
     @staticmethod
     def exists_key(tx: sqlite3.Connection, key_id: str) -> bool:
@@ -284,7 +352,7 @@ class Store:
 
 def _user(row: sqlite3.Row) -> UserRecord:
     return UserRecord(
-        row["id"], row["real_name"], row["role"], row["pass_hash"], json.loads(row["tags"])
+        row["id"], row["real_name"], row["role"], row["pass_hash"], tuple(json.loads(row["tags"]))
     )
 
 
@@ -292,11 +360,11 @@ def _key(row: sqlite3.Row) -> KeyRecord:
     return KeyRecord(
         id=row["id"],
         type=row["type"],
-        mechanisms=json.loads(row["mechanisms"]),
+        mechanisms=tuple(json.loads(row["mechanisms"])),
         backend_id=row["backend_id"],
         backend_label=row["backend_label"],
         label=row["label"],
-        tags=json.loads(row["tags"]),
+        tags=tuple(json.loads(row["tags"])),
         cert=row["cert"],
         cert_type=row["cert_type"],
         operations=row["operations"],

@@ -1,8 +1,11 @@
-"""NetHSM key vocabulary: types, mechanisms, modes and public data.
+"""NetHSM's vocabulary: key types, key mechanisms, modes, IDs, labels, public data.
 
 Pure functions between hsmbridge's words (``RSA(2048)``, usage ``{"sign"}``,
 ``rsa-pss-sha256``) and NetHSM's (``RSA``, ``RSA_Signature_PSS_SHA256``,
-``PSS_SHA256``), kept apart from the transport so they are easy to test.
+``PSS_SHA256``). The NetHSM backend (a client of the API) and ``hsmbridge
+serve`` (a server of it) both speak through this module, so each fact of the
+API is written once. Errors are :class:`InvalidInput` (a client's bad value)
+or :class:`HSMError` (an answer that breaks the API).
 """
 
 from __future__ import annotations
@@ -13,34 +16,72 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .. import curves
 from ..api import EC, RSA, KeySpec
 from ..errors import HSMError, InvalidInput
+from ..export import int_to_bytes
 from ..mechanisms import Mechanism
 
 #: NetHSM key IDs (``components/schemas/ID`` in the OpenAPI spec).
-KEY_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+KEY_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 #: NetHSM 5.0 labels are UTF-8 strings of at most 32 bytes.
 MAX_LABEL_BYTES = 32
 
-_EC_TYPES = {"P-256": "EC_P256", "P-384": "EC_P384", "P-521": "EC_P521"}
-_EC_CURVES = {v: k for k, v in _EC_TYPES.items()}
+#: every key type of the API (``KeyType``); hsmbridge makes RSA and the curves in
+#: :mod:`hsmbridge.curves`
+ALL_TYPES = frozenset(
+    {"RSA", "Curve25519", "EC_P256K1", "BrainpoolP256", "BrainpoolP384", "BrainpoolP512", "Generic"}
+    | {c.nethsm_type for c in curves.CURVES}
+)
 
-_SIGN_MECHANISMS = {
+#: every key mechanism of the API (``KeyMechanism``), by the key family that may carry it
+KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
     "rsa": (
+        "RSA_Decryption_RAW",
+        "RSA_Decryption_PKCS1",
+        "RSA_Decryption_OAEP_MD5",
+        "RSA_Decryption_OAEP_SHA1",
+        "RSA_Decryption_OAEP_SHA224",
+        "RSA_Decryption_OAEP_SHA256",
+        "RSA_Decryption_OAEP_SHA384",
+        "RSA_Decryption_OAEP_SHA512",
         "RSA_Signature_PKCS1",
+        "RSA_Signature_PSS_MD5",
+        "RSA_Signature_PSS_SHA1",
+        "RSA_Signature_PSS_SHA224",
         "RSA_Signature_PSS_SHA256",
         "RSA_Signature_PSS_SHA384",
         "RSA_Signature_PSS_SHA512",
     ),
     "ec": ("ECDSA_Signature",),
+    "other": ("EdDSA_Signature", "BIP340_Signature", "AES_Encryption_CBC", "AES_Decryption_CBC"),
 }
-_DECRYPT_MECHANISMS = (
-    "RSA_Decryption_OAEP_SHA1",
-    "RSA_Decryption_OAEP_SHA256",
-    "RSA_Decryption_OAEP_SHA384",
-    "RSA_Decryption_OAEP_SHA512",
-    "RSA_Decryption_PKCS1",
-)
+ALL_MECHANISMS = frozenset(m for group in KEY_MECHANISMS.values() for m in group)
+
+#: sign and decrypt ``mode`` -> the key mechanism a key needs for it
+SIGN_MODES = {
+    "PKCS1": "RSA_Signature_PKCS1",
+    "PSS_MD5": "RSA_Signature_PSS_MD5",
+    "PSS_SHA1": "RSA_Signature_PSS_SHA1",
+    "PSS_SHA224": "RSA_Signature_PSS_SHA224",
+    "PSS_SHA256": "RSA_Signature_PSS_SHA256",
+    "PSS_SHA384": "RSA_Signature_PSS_SHA384",
+    "PSS_SHA512": "RSA_Signature_PSS_SHA512",
+    "EdDSA": "EdDSA_Signature",
+    "ECDSA": "ECDSA_Signature",
+    "BIP340": "BIP340_Signature",
+}
+DECRYPT_MODES = {
+    "RAW": "RSA_Decryption_RAW",
+    "PKCS1": "RSA_Decryption_PKCS1",
+    "OAEP_MD5": "RSA_Decryption_OAEP_MD5",
+    "OAEP_SHA1": "RSA_Decryption_OAEP_SHA1",
+    "OAEP_SHA224": "RSA_Decryption_OAEP_SHA224",
+    "OAEP_SHA256": "RSA_Decryption_OAEP_SHA256",
+    "OAEP_SHA384": "RSA_Decryption_OAEP_SHA384",
+    "OAEP_SHA512": "RSA_Decryption_OAEP_SHA512",
+    "AES_CBC": "AES_Decryption_CBC",
+}
 
 #: hsmbridge mechanism -> (NetHSM key mechanism, NetHSM sign/decrypt mode).
 _MODES: dict[Mechanism, tuple[str, str]] = {
@@ -63,7 +104,7 @@ _MODES: dict[Mechanism, tuple[str, str]] = {
 
 def is_key_id(text: str) -> bool:
     """Whether ``text`` can be a NetHSM key ID (and so double as the label)."""
-    return bool(KEY_ID_RE.match(text))
+    return isinstance(text, str) and KEY_ID_RE.fullmatch(text) is not None
 
 
 def check_key_id(key_id: str) -> str:
@@ -80,24 +121,64 @@ def label_fits(label: str) -> bool:
     return len(label.encode("utf-8")) <= MAX_LABEL_BYTES
 
 
+def type_of(spec: KeySpec) -> str:
+    """The NetHSM key type of a spec (``RSA``, ``EC_P256``, ...)."""
+    if isinstance(spec, RSA):
+        return "RSA"
+    if isinstance(spec, EC):
+        return spec.curve_info.nethsm_type
+    raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+
+
 def key_type_body(spec: KeySpec) -> dict[str, Any]:
     """The ``type``/``length`` members of a ``/keys/generate`` body."""
     if isinstance(spec, RSA):
         return {"type": "RSA", "length": spec.bits}
-    if isinstance(spec, EC):
-        return {"type": _EC_TYPES[spec.curve]}
-    raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+    return {"type": type_of(spec)}
+
+
+def spec_for(key_type: str, length: object) -> KeySpec:
+    """The hsmbridge key spec for a NetHSM type (and an RSA ``length``)."""
+    if key_type == "RSA":
+        if not isinstance(length, int) or isinstance(length, bool):
+            raise InvalidInput("RSA keys need an integer 'length' (e.g. 2048)")
+        return RSA(length)
+    curve = curves.by_nethsm_type(key_type)
+    if curve is None:
+        made = ", ".join(["RSA", *(c.nethsm_type for c in curves.CURVES)])
+        raise InvalidInput(f"key type {key_type} is not supported by hsmbridge; it makes {made}")
+    return EC(curve.name)
+
+
+def check_mechanisms(key_type: str, mechanisms: object) -> list[str]:
+    """Validate a key's mechanism list against its type; return it sorted, deduplicated."""
+    if not isinstance(mechanisms, list) or not all(isinstance(m, str) for m in mechanisms):
+        raise InvalidInput("mechanisms must be a list of KeyMechanism strings")
+    unknown = sorted(set(mechanisms) - ALL_MECHANISMS)
+    if unknown:
+        raise InvalidInput(f"unknown key mechanisms: {', '.join(unknown)}")
+    allowed = KEY_MECHANISMS["rsa" if key_type == "RSA" else "ec"]
+    wrong = sorted(set(mechanisms) - set(allowed))
+    if wrong:
+        raise InvalidInput(
+            f"mechanisms {', '.join(wrong)} do not fit a {key_type} key; use: {', '.join(allowed)}"
+        )
+    if not mechanisms:
+        raise InvalidInput(
+            f"a key needs at least one mechanism; for {key_type}: {', '.join(allowed)}"
+        )
+    return sorted(set(mechanisms))
 
 
 def mechanisms_for(spec: KeySpec, usage: Iterable[str]) -> list[str]:
     """NetHSM key mechanisms that let a key do every hsmbridge mechanism of ``usage``."""
     uses = set(usage)
-    out: list[str] = []
-    if "sign" in uses:
-        out.extend(_SIGN_MECHANISMS[spec.key_type])
-    if "decrypt" in uses:
-        out.extend(_DECRYPT_MECHANISMS)
-    return out
+    needed = (
+        key_mechanism
+        for mech, (key_mechanism, _) in _MODES.items()
+        if mech.key_type == spec.key_type and ("sign" if mech.is_sign else "decrypt") in uses
+    )
+    return list(dict.fromkeys(needed))
 
 
 def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
@@ -114,6 +195,11 @@ def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
 def mode_for(mech: Mechanism) -> tuple[str, str]:
     """(NetHSM key mechanism the key needs, request ``mode``) for an hsmbridge mechanism."""
     return _MODES[mech]
+
+
+def mechanisms_of_mode(mode: str, *, sign: bool) -> list[Mechanism]:
+    """The hsmbridge mechanisms whose token operation is NetHSM's ``mode`` (may be empty)."""
+    return [m for m, (_, m_mode) in _MODES.items() if m_mode == mode and m.is_sign == sign]
 
 
 def offered_mechanisms(spec: KeySpec, key_mechanisms: Iterable[str], *, sign: bool) -> list[str]:
@@ -149,8 +235,8 @@ def spec_of(data: Mapping[str, Any]) -> KeySpec | None:
             return RSA(bits)
         except InvalidInput:
             return None
-    curve = _EC_CURVES.get(str(kind))
-    return EC(curve) if curve else None
+    curve = curves.by_nethsm_type(str(kind))
+    return EC(curve.name) if curve else None
 
 
 def public_key_der(spec: KeySpec, public: Mapping[str, Any]) -> bytes:
@@ -165,13 +251,10 @@ def public_key_der(spec: KeySpec, public: Mapping[str, Any]) -> bytes:
             e = int.from_bytes(b64decode(public["publicExponent"], "the RSA exponent"), "big")
             key = rsa.RSAPublicNumbers(e, n).public_key()
         else:
-            curves: dict[str, ec.EllipticCurve] = {
-                "P-256": ec.SECP256R1(),
-                "P-384": ec.SECP384R1(),
-                "P-521": ec.SECP521R1(),
-            }
             point = b64decode(public["data"], "the EC point")
-            key = ec.EllipticCurvePublicKey.from_encoded_point(curves[spec.curve], point)
+            key = ec.EllipticCurvePublicKey.from_encoded_point(
+                spec.curve_info.crypto_curve(), point
+            )
     except (KeyError, ValueError, TypeError) as exc:
         raise HSMError(f"the NetHSM answered unusable public key data: {exc}") from None
     return key.public_bytes(
@@ -191,23 +274,30 @@ def private_data(private_key: Any) -> tuple[KeySpec, dict[str, str]]:
             "primeQ": numbers.q,
             "publicExponent": numbers.public_numbers.e,
         }
-        return spec, {k: b64encode(_unsigned(v)) for k, v in values.items()}
+        return spec, {k: b64encode(int_to_bytes(v)) for k, v in values.items()}
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        curve = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}.get(
-            private_key.curve.name
-        )
+        curve = curves.by_oid_name(private_key.curve.name)
         if curve is not None:
-            ec_spec = EC(curve)
             scalar = private_key.private_numbers().private_value
-            return ec_spec, {"data": b64encode(scalar.to_bytes(ec_spec.field_bytes, "big"))}
+            return EC(curve.name), {"data": b64encode(int_to_bytes(scalar, curve.field_bytes))}
     raise InvalidInput(
         f"cannot import {type(private_key).__name__}; give a cryptography RSA private key or "
-        "an EC one on P-256, P-384 or P-521"
+        f"an EC one on {curves.NAMES}"
     )
 
 
-def _unsigned(value: int) -> bytes:
-    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
+def public_data(spki_der: bytes) -> dict[str, str]:
+    """NetHSM's ``public`` of a key: modulus/publicExponent for RSA, the EC point as ``data``."""
+    from asn1crypto import keys as asn1_keys
+
+    info = asn1_keys.PublicKeyInfo.load(spki_der)
+    if info.algorithm == "rsa":
+        pub = info["public_key"].parsed
+        return {
+            "modulus": b64encode(int_to_bytes(pub["modulus"].native)),
+            "publicExponent": b64encode(int_to_bytes(pub["public_exponent"].native)),
+        }
+    return {"data": b64encode(bytes(info["public_key"]))}
 
 
 def ecdsa_input(digest: bytes, spec: KeySpec) -> bytes:
