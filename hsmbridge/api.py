@@ -30,7 +30,6 @@ from .mechanisms import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-Usage = Literal["sign", "decrypt"]
 USAGES: frozenset[str] = frozenset({"sign", "decrypt"})
 
 _CURVES = {

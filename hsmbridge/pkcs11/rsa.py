@@ -70,7 +70,3 @@ def native_param(mech: Mechanism) -> tuple[Any, ...] | None:
     if ckm == CKM.RSA_PKCS_PSS:
         return ("pss", int(param[0]), int(param[1]), int(param[2]))
     return ("oaep", int(param[0]), int(param[1]))
-
-
-def output_length(obj: Any) -> int:
-    return len(obj[Attribute.MODULUS])

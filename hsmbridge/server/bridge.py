@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ USER_ID_RE = re.compile(r"^([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.
 
 UNPROVISIONED, LOCKED, OPERATIONAL = "Unprovisioned", "Locked", "Operational"
 ROLES = ("Administrator", "Operator", "Metrics", "Backup")
-PUBLIC: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,7 +44,6 @@ class Req:
     base_url: str
     form: dict[str, str | bytes] | None = None
     user: UserRecord | None = None
-    _json: Any = field(default=None, repr=False)
 
     def json_object(self, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
         """The body as a JSON object with exactly the allowed properties (else 400)."""
