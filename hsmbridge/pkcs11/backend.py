@@ -265,7 +265,7 @@ class Pkcs11HSM(HSM):
         """Handle of a session-object copy of ``key``'s private half, made once.
 
         SoftHSM2 re-checks a token object's files on every use; a copy with
-        CKA_TOKEN=false skips that (design.md fact 5; measured: ECDSA P-256
+        CKA_TOKEN=false skips that (docs/design.md, fact 5; measured: ECDSA P-256
         CPU per signature 77 -> 66 us, RSA unchanged). The copy lives in the
         logged-in admin session, has no label or id, is excluded from every
         search, and is destroyed with the key or when this handle closes.
