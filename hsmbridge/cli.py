@@ -120,10 +120,6 @@ def _open(args: argparse.Namespace) -> HSM:
     return open_hsm(args.hsm)
 
 
-def _cell(value: Any) -> str:
-    return ",".join(value) if isinstance(value, list) else str(value if value is not None else "-")
-
-
 def _print_table(rows: list[dict[str, Any]], out: IO[str]) -> None:
     if not rows:
         print("no keys", file=out)

@@ -42,11 +42,6 @@ def _load_spki(der: bytes) -> asn1_keys.PublicKeyInfo:
     return info
 
 
-def key_bits(der: bytes) -> int:
-    """Modulus size (RSA) or curve size (EC) of an SPKI."""
-    return int(_load_spki(der).bit_size)
-
-
 def jwk(der: bytes) -> dict[str, str]:
     """JWK for an RSA or EC SPKI, with ``kid`` = RFC 7638 thumbprint."""
     info = _load_spki(der)

@@ -14,7 +14,7 @@
  * initialised, so its session and object handles are valid here.  This code
  * never calls C_Initialize/C_Finalize: the caller is responsible for having
  * initialised the module with CKF_OS_LOCKING_OK before using more than one
- * session (design.md fact 1).
+ * session (docs/design.md, fact 1).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1

@@ -1,7 +1,7 @@
 """Many threads on one HSM handle: no crash, no error, every result verified.
 
 A plain python-pkcs11 program crashes when two threads use SoftHSM2 at once
-(design.md fact 1); hsmbridge re-initialises the module with OS locking. The
+(docs/design.md, fact 1); hsmbridge re-initialises the module with OS locking. The
 workloads run in a child process of the same interpreter on the same token
 (same SOFTHSM2_CONF), so a segfault fails the test instead of killing the run.
 """
@@ -171,7 +171,7 @@ def test_mixed_soak_on_one_handle(softhsm_token: SoftToken) -> None:
 
 
 def test_two_threads_two_sessions_do_not_crash(softhsm_token: SoftToken) -> None:
-    """design.md fact 1 is fixed: 2 threads x 2000 ECDSA P-256 signatures, all verified.
+    """docs/design.md, fact 1, is fixed: 2 threads x 2000 ECDSA P-256 signatures, all verified.
 
     ECDSA because its short operations make the race likely: the same loop on
     plain python-pkcs11 (C_Initialize(NULL)) failed in 5 of 5 runs here, with a

@@ -107,7 +107,7 @@ def _dll(path: str) -> ctypes.CDLL:
 
 
 def _reinitialise_with_os_locking(dll: ctypes.CDLL) -> bool:
-    """design.md fact 1: C_Finalize(NULL), C_Initialize({CKF_OS_LOCKING_OK})."""
+    """docs/design.md, fact 1: C_Finalize(NULL), C_Initialize({CKF_OS_LOCKING_OK})."""
     rv = dll.C_Finalize(None)
     assert rv == 0, f"C_Finalize failed: 0x{rv:x}"
     args = _InitArgs(flags=CKF_OS_LOCKING_OK)

@@ -10,6 +10,7 @@ headers as documented.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,9 +28,19 @@ import hsmbridge  # noqa: E402
 from hsmbridge.server.app import NOT_IMPLEMENTED_METHODS, ROUTES  # noqa: E402
 from hsmbridge.server.testing import TIMEOUT, BridgeServer, start_bridge  # noqa: E402
 
-SPEC = Path("/work/shared/nethsm/nethsm-api.yaml")
-if not SPEC.exists():  # the spec ships beside design.md, outside the repository
-    pytest.skip(f"NetHSM OpenAPI spec not found at {SPEC}", allow_module_level=True)
+#: The spec is test data kept outside the repository (``../shared/nethsm/`` beside
+#: the checkout); this variable names the YAML file when it lives elsewhere.
+SPEC_ENV = "HSMBRIDGE_NETHSM_SPEC"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPEC = Path(os.environ.get(SPEC_ENV) or REPO_ROOT.parent / "shared" / "nethsm" / "nethsm-api.yaml")
+if not SPEC.is_file():
+    _missing = (
+        f"NetHSM OpenAPI spec not found at {SPEC}; put nethsm-api.yaml in ../shared/nethsm/ "
+        f"beside the repository or set {SPEC_ENV} to its path"
+    )
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(_missing, pytrace=False)  # CI must not pass by skipping the contract
+    pytest.skip(_missing, allow_module_level=True)
 
 #: Not fuzzed: locking would only turn the rest of the run into 412s.
 SKIP = {("/lock", "POST")}

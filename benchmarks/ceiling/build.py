@@ -2,7 +2,7 @@
 
 The ceiling is the throughput of a plain C loop over ``C_SignInit``/``C_Sign``
 (or ``C_DecryptInit``/``C_Decrypt``) on N sessions and N threads: what any
-binding of the token could reach at best (design.md, "Performance method").
+binding of the token could reach at best (docs/design.md, "Performance method").
 
     from benchmarks.ceiling.build import run_ceiling
     run_ceiling(module=..., token="bench", pin="1234", key="rsa",

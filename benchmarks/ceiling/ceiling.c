@@ -11,7 +11,7 @@
  *   {"ops": M, "threads": N, "seconds": s, "ops_per_s": x, ...}
  *
  * Build: cc -O2 -pthread -I native benchmarks/ceiling/ceiling.c -ldl
- * (or benchmarks/ceiling/build.py).  See design.md "Performance method".
+ * (or benchmarks/ceiling/build.py).  See docs/design.md, "Performance method".
  */
 #define _GNU_SOURCE 1
 
@@ -351,7 +351,7 @@ main(int argc, char **argv)
     CK_OBJECT_HANDLE key = find_key(login, CKO_PRIVATE_KEY, o.key);
     CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
     if (o.session_copy) {
-        /* design.md fact 5: a session object skips SoftHSM2's per-use file checks.
+        /* docs/design.md, fact 5: a session object skips SoftHSM2's per-use file checks.
          * Label and ID blanked so that searches never return the copy. */
         CK_BBOOL no = CK_FALSE;
         CK_ATTRIBUTE tmpl[] = {

@@ -1,7 +1,7 @@
 """What a token can really do: the mechanisms it lists, corrected by what it refused.
 
 Tokens list one ``CKM_RSA_PKCS_OAEP`` whatever hashes they implement
-(SoftHSM2 2.6: SHA-1 only, docs/design.md fact 6), so the list alone
+(SoftHSM2 2.6: SHA-1 only, docs/design.md, fact 6), so the list alone
 overpromises. :class:`Capabilities` starts from the list and learns: a
 refusal of a mechanism's parameters is recorded (:meth:`record_refusal`), and
 the first OAEP refusal probes every other OAEP hash once

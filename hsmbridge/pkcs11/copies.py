@@ -1,7 +1,7 @@
 """Session-object copies of token keys, for the hot path.
 
 SoftHSM2 re-checks a token object's files on every use; a copy with
-CKA_TOKEN=false skips that (docs/design.md fact 5; measured: ECDSA P-256 CPU
+CKA_TOKEN=false skips that (docs/design.md, fact 5; measured: ECDSA P-256 CPU
 per signature 77 -> 66 us, RSA unchanged). A copy lives in the logged-in admin
 session, has no label or id, is excluded from every search (searches ask for
 CKA_TOKEN=true), and is destroyed with its key or when the HSM handle closes.

@@ -102,6 +102,4 @@ def translate(exc: Exception, *, what: str, key: str | None = None) -> HSMError:
         return HSMUnavailable(
             f"{what} failed: the token session broke ({name}); the session was replaced, retry"
         )
-    if isinstance(exc, p11x.DeviceMemory):
-        return HSMUnavailable(f"{what} failed: the token is out of memory")
     return HSMError(f"{what} with {subject} failed in the token ({name})")

@@ -3,7 +3,7 @@
 python-pkcs11 initialises modules with ``C_Initialize(NULL)``, which tells
 SoftHSM2 (and other modules) that the application is single-threaded, yet it
 releases the GIL around every call: two threads signing on two sessions then
-crash the process (design.md fact 1). Right after loading, before any session
+crash the process (docs/design.md, fact 1). Right after loading, before any session
 is opened, we finalise the module and initialise it again with
 ``CKF_OS_LOCKING_OK`` through ctypes on the same loaded instance. A module that
 answers ``CKR_CANT_LOCK`` is re-initialised as before and used by one thread.

@@ -1,11 +1,19 @@
-"""A plain session pool: one logged-in session, a bounded set of workers.
+"""The sessions of one token: the login session, an admin session, bounded workers.
 
 PKCS#11 login belongs to the application, not the session, and closing a
-logged-in session with python-pkcs11 logs every session out (design.md fact
-2). So the pool keeps one long-lived R/W session that logs in (and is used for
-key management) and opens worker sessions without a PIN; they inherit the
-login. A worker that fails with a session or device error is closed and
-forgotten; the next checkout opens a fresh one.
+logged-in session with python-pkcs11 logs every session out (docs/design.md,
+fact 2). So:
+
+- the *login session* (one per token and process, shared by every pool on the
+  token) is opened R/W with the PIN and only holds the login; the last pool to
+  close closes it;
+- each pool's *admin session* is R/W without a PIN, serialised, and used for
+  key management;
+- *worker sessions* are R/O without a PIN, at most ``max_workers`` of them.
+
+Every session but the login session inherits the login. A worker that fails
+with a session or device error is closed and forgotten; the next checkout
+opens a fresh one. A broken admin session is reopened.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ unchanged against a PKCS#11 token such as SoftHSM2. See docs/server.md.
 
 from __future__ import annotations
 
-__all__ = ["main_serve", "serve", "start_in_thread"]
+__all__ = ["serve", "start_in_thread"]
 
 
 def __getattr__(name: str) -> object:

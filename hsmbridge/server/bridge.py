@@ -30,7 +30,6 @@ USER_ID_RE = re.compile(r"^([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.
 
 UNPROVISIONED, LOCKED, OPERATIONAL = "Unprovisioned", "Locked", "Operational"
 ROLES = ("Administrator", "Operator", "Metrics", "Backup")
-PUBLIC: tuple[str, ...] = ()
 
 
 @dataclass
@@ -46,7 +45,6 @@ class Req:
     base_url: str
     form: dict[str, str | bytes] | None = None
     user: UserRecord | None = None
-    _json: Any = field(default=None, repr=False)
 
     def json_object(self, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
         """The body as a JSON object with exactly the allowed properties (else 400)."""

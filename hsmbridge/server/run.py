@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -224,21 +223,3 @@ def start_in_thread(
         bridge.close()
         raise ConfigurationError(f"the bridge server did not start within {startup_timeout}s")
     return RunningServer(bridge, host, bound_port, cert, tls.fingerprint(cert), server, thread)
-
-
-def main_serve(args: Any) -> int:
-    """Entry for ``hsmbridge serve``: ``args`` has hsm, listen, state_dir, tls_cert, tls_key."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        serve(
-            args.hsm,
-            args.listen,
-            args.state_dir,
-            getattr(args, "tls_cert", None),
-            getattr(args, "tls_key", None),
-            getattr(args, "pin", None),
-        )
-    except ConfigurationError as exc:
-        print(f"hsmbridge serve: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,0 +1,360 @@
+"""Re-measure the facts of docs/design.md that this machine can check cheaply.
+
+    .venv/bin/python benchmarks/facts.py            # all of them, a few minutes
+    .venv/bin/python benchmarks/facts.py 1 5 14     # only these facts
+
+Each fact runs in a child process on a throwaway SoftHSM2 token (a module is
+loaded and initialised once per process, and fact 1 is a crash), and prints
+one JSON line: the fact's number, what was observed, and the versions used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+PIN = "1234"
+SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
+P11_KIT_PROXY = "/usr/lib/x86_64-linux-gnu/libp11-kit.so.0"
+
+
+# --- children: each runs in its own process, argv = [module, token label] ---
+
+
+def _login(module: str, label: str, *, os_locking: bool) -> tuple[Any, Any]:
+    import pkcs11
+
+    if os_locking:
+        from hsmbridge.pkcs11.module import load_module
+
+        lib = load_module(module).lib
+    else:
+        lib = pkcs11.lib(module)  # python-pkcs11 alone: C_Initialize(NULL)
+    token = lib.get_token(token_label=label)
+    return token, token.open(rw=True, user_pin=PIN)
+
+
+def _ec_key(session: Any, label: str) -> Any:
+    from pkcs11 import KeyType
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    params = session.create_domain_parameters(
+        KeyType.EC,
+        {pkcs11_attr("EC_PARAMS"): encode_named_curve_parameters("secp256r1")},
+        local=True,
+    )
+    _, private = params.generate_keypair(store=True, label=label)
+    return private
+
+
+def pkcs11_attr(name: str) -> Any:
+    from pkcs11 import Attribute
+
+    return getattr(Attribute, name)
+
+
+def child_threads(module: str, label: str, os_locking: str) -> dict[str, Any]:
+    """Fact 1: two threads, two sessions, ECDSA signing; returns only if nothing crashed."""
+    from pkcs11 import Mechanism, ObjectClass
+
+    token, login = _login(module, label, os_locking=os_locking == "yes")
+    key_label = f"fact1-{os.getpid()}"
+    _ec_key(login, key_label)
+
+    def work_on_own_session() -> None:
+        session = token.open()
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+        for i in range(2000):
+            key.sign(hashlib.sha256(str(i).encode()).digest(), mechanism=Mechanism.ECDSA)
+
+    threads = [threading.Thread(target=work_on_own_session) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"signatures": 4000}
+
+
+def child_login(module: str, label: str) -> dict[str, Any]:
+    """Fact 2: login belongs to the application; closing a logged-in session logs all out."""
+    from pkcs11 import ObjectClass
+
+    token, login = _login(module, label, os_locking=True)
+    _ec_key(login, f"fact2-{os.getpid()}")
+    try:
+        token.open(user_pin=PIN)
+        second_login = "accepted"
+    except Exception as exc:
+        second_login = type(exc).__name__
+    worker = token.open()  # no PIN: inherits the login
+    before = len(list(worker.get_objects({pkcs11_attr("CLASS"): ObjectClass.PRIVATE_KEY})))
+    login.close()  # python-pkcs11 calls C_Logout first
+    after = len(list(worker.get_objects({pkcs11_attr("CLASS"): ObjectClass.PRIVATE_KEY})))
+    return {
+        "second_open_with_pin": second_login,
+        "private_keys_seen_by_pinless_session_before_close": before,
+        "after_closing_the_login_session": after,
+    }
+
+
+def child_calls(module: str, label: str, who: str) -> dict[str, Any]:
+    """Fact 3: C_Sign calls per C_SignInit, counted by OpenSC's pkcs11-spy."""
+    if who == "python-pkcs11":
+        from pkcs11 import Mechanism
+
+        _, login = _login(module, label, os_locking=True)
+        key = _ec_key(login, f"fact3-{os.getpid()}")
+        for i in range(10):
+            key.sign(hashlib.sha256(str(i).encode()).digest(), mechanism=Mechanism.ECDSA)
+    else:
+        import hsmbridge
+
+        hsm = hsmbridge.open(f"pkcs11:token={label}?module-path={module}", pin=PIN)
+        key = hsm.generate_key(hsmbridge.EC("P-256"), label=f"fact3-{os.getpid()}")
+        for i in range(10):
+            key.sign(str(i).encode(), "ecdsa-sha256")
+        key.delete()
+        hsm.close()
+    return {}
+
+
+def child_mechanisms(module: str, label: str) -> dict[str, Any]:
+    """Facts 6 and 7: OAEP hashes on SoftHSM2, python-pkcs11's ECDSA output form."""
+    from pkcs11 import MGF, KeyType, Mechanism
+
+    _, login = _login(module, label, os_locking=True)
+    public, private = login.generate_keypair(KeyType.RSA, 2048, store=False)
+    oaep = {}
+    for name, hash_mech, mgf in (
+        ("sha1", Mechanism.SHA_1, MGF.SHA1),
+        ("sha256", Mechanism.SHA256, MGF.SHA256),
+    ):
+        try:
+            ct = public.encrypt(b"x", mechanism=Mechanism.RSA_PKCS_OAEP,
+                                mechanism_param=(hash_mech, mgf, None))  # fmt: skip
+            private.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
+                            mechanism_param=(hash_mech, mgf, None))  # fmt: skip
+            oaep[name] = "ok"
+        except Exception as exc:
+            oaep[name] = type(exc).__name__
+    ec = _ec_key(login, f"fact7-{os.getpid()}")
+    signature = ec.sign(b"\x00" * 32, mechanism=Mechanism.ECDSA)
+    return {
+        "oaep": oaep,
+        "ecdsa_p256_signature_bytes": len(signature),
+        "ecdsa_starts_with_der_sequence": signature[:1] == b"\x30" and len(signature) != 64,
+    }
+
+
+def child_keygen(module: str, label: str) -> dict[str, Any]:
+    """Fact 14: RSA-2048 generation time on SoftHSM2 (ms, 8 keys)."""
+    import hsmbridge
+
+    hsm = hsmbridge.open(f"pkcs11:token={label}?module-path={module}", pin=PIN)
+    times = []
+    for i in range(8):
+        start = time.perf_counter()
+        key = hsm.generate_key(hsmbridge.RSA(2048), label=f"fact14-{os.getpid()}-{i}")
+        times.append((time.perf_counter() - start) * 1000)
+        key.delete()
+    hsm.close()
+    return {
+        "rsa2048_keygen_ms_min_median_max": [
+            round(min(times)),
+            round(statistics.median(times)),
+            round(max(times)),
+        ]
+    }
+
+
+def child_make_keys(module: str, label: str) -> dict[str, Any]:
+    """Keys for fact 5's C loops (the ceiling program finds them by label)."""
+    import hsmbridge
+
+    hsm = hsmbridge.open(f"pkcs11:token={label}?module-path={module}", pin=PIN)
+    hsm.generate_key(hsmbridge.EC("P-256"), label="ec")
+    hsm.generate_key(hsmbridge.RSA(2048), label="rsa", usage={"sign", "decrypt"})
+    hsm.close()
+    return {}
+
+
+CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "threads": child_threads,
+    "login": child_login,
+    "calls": child_calls,
+    "mechanisms": child_mechanisms,
+    "keygen": child_keygen,
+    "make_keys": child_make_keys,
+}
+
+
+# --- parent ---
+
+
+class Token:
+    def __init__(self) -> None:
+        from hsmbridge.softhsm import make_tokens
+
+        self.dir = Path(tempfile.mkdtemp(prefix="hsmbridge-facts-"))
+        self.token = make_tokens(self.dir, ["facts"], pin=PIN)[0]
+
+    def run(self, child: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, Any]:
+        module = (env or {}).get("FACTS_MODULE", self.token.module)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", child, module, self.token.label, *args],
+            env={**os.environ, **self.token.env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0 and child != "threads":  # fact 1's child may crash on purpose
+            raise RuntimeError(f"child {child} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        lines = proc.stdout.strip().splitlines()
+        return proc.returncode, json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+
+
+def fact_1(token: Token) -> dict[str, Any]:
+    runs = 10
+    out: dict[str, Any] = {"runs": runs}
+    for mode in ("no", "yes"):
+        codes = [token.run("threads", mode)[0] for _ in range(runs)]
+        name = "python_pkcs11_NULL_init" if mode == "no" else "after_hsmbridge_os_locking"
+        out[name] = {"crashed": sum(c != 0 for c in codes), "exit_codes": sorted(set(codes))}
+    return out
+
+
+def fact_2(token: Token) -> dict[str, Any]:
+    return dict(token.run("login")[1])
+
+
+def fact_3(token: Token) -> dict[str, Any]:
+    if not os.path.isfile(SPY_MODULE):
+        return {"skipped": f"{SPY_MODULE} not installed (apt-get install opensc-pkcs11)"}
+    out = {}
+    for who in ("python-pkcs11", "hsmbridge"):
+        log = token.dir / f"spy-{who}.log"
+        env = {"PKCS11SPY": token.token.module, "PKCS11SPY_OUTPUT": str(log)}
+        code, _ = token.run("calls", who, env={**env, "FACTS_MODULE": SPY_MODULE})
+        text = log.read_text() if log.exists() else ""
+        calls = [line.split(": ", 1)[1].strip() for line in text.splitlines() if ": C_" in line]
+        inits, signs = calls.count("C_SignInit"), calls.count("C_Sign")
+        out[who] = {"exit": code, "C_SignInit": inits, "C_Sign": signs}
+    return out
+
+
+def fact_5(token: Token) -> dict[str, Any]:
+    from benchmarks.ceiling.build import run_ceiling
+
+    token.run("make_keys")
+    out: dict[str, Any] = {"threads": 1}
+    for key, mech, count in (("ec", "ecdsa-sha256", 20000), ("rsa", "rsa-pkcs1-sha256", 2000)):
+        row: dict[str, list[float]] = {"token_key": [], "session_copy": []}
+        for _ in range(3):  # alternate the two, several rounds (fact 18)
+            for copy in (False, True):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                run_ceiling(module=token.token.module, token=token.token.label, pin=PIN,
+                            key=key, mech=mech, count=count, session_copy=copy,
+                            env=token.token.env())  # fmt: skip
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+                row["session_copy" if copy else "token_key"].append(cpu / count * 1e6)
+        medians = {k: round(statistics.median(v), 1) for k, v in row.items()}
+        out[mech] = {
+            "cpu_us_per_op_median_of_3": medians,
+            "token_key_over_session_copy": round(medians["token_key"] / medians["session_copy"], 2),
+        }
+    return out
+
+
+def fact_6_7(token: Token) -> dict[str, Any]:
+    return dict(token.run("mechanisms")[1])
+
+
+def fact_12(token: Token) -> dict[str, Any]:
+    out = {}
+    for name, path in (("p11-kit proxy", P11_KIT_PROXY), ("SoftHSM2", token.token.module)):
+        if not os.path.isfile(path):
+            out[name] = "not installed"
+            continue
+        get_list = ctypes.CDLL(path).C_GetFunctionList
+        get_list.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        first, second = ctypes.c_void_p(), ctypes.c_void_p()
+        get_list(ctypes.byref(first))
+        get_list(ctypes.byref(second))
+        out[name] = "same function list" if first.value == second.value else "two function lists"
+    return out
+
+
+def fact_14(token: Token) -> dict[str, Any]:
+    return dict(token.run("keygen")[1])
+
+
+FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
+    "1": fact_1,
+    "2": fact_2,
+    "3": fact_3,
+    "5": fact_5,
+    "6": fact_6_7,
+    "7": fact_6_7,
+    "12": fact_12,
+    "14": fact_14,
+}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    softhsm = subprocess.run(["softhsm2-util", "--version"], capture_output=True, text=True)
+    return {
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs",
+        "softhsm2": softhsm.stdout.strip(),
+        "python-pkcs11": version("python-pkcs11"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        print(json.dumps(CHILDREN[argv[1]](*argv[2:])))
+        return 0
+    wanted = argv or list(FACTS)
+    unknown = [n for n in wanted if n not in FACTS]
+    if unknown:
+        print(f"no cheap re-measurement for fact {', '.join(unknown)}; "
+              f"measurable here: {', '.join(FACTS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    token = Token()
+    try:
+        print(json.dumps({"versions": versions()}))
+        done: set[Callable[[Token], dict[str, Any]]] = set()
+        for number in wanted:
+            measure = FACTS[number]
+            if measure not in done:
+                done.add(measure)
+                print(json.dumps({"fact": number, **measure(token)}), flush=True)
+    finally:
+        shutil.rmtree(token.dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
