@@ -391,19 +391,23 @@ class Key(abc.ABC):
     ) -> list[Any]:
         """Run the valid items through the engine hook; input errors keep their places."""
         valid = [i for i, item in enumerate(items) if not isinstance(item, HSMError)]
-        results: list[Any] = list(items)
-        if valid:
-            n_threads = min(_threads(threads) or self._default_threads(), len(valid))
+        todo: list[Any] = items if len(valid) == len(items) else [items[i] for i in valid]
+        results: list[Any] = items
+        if todo:
+            n_threads = min(_threads(threads) or self._default_threads(), len(todo))
             out = self._run(
                 op,
                 mech,
-                [items[i] for i in valid],  # type: ignore[misc]
+                todo,
                 threads=n_threads,
                 stop_on_error=not return_exceptions,
                 ecdsa_format=ecdsa_format,
             )
-            for i, result in zip(valid, out, strict=True):
-                results[i] = result
+            if todo is items:  # the common case: every item was valid
+                results = out
+            else:
+                for i, result in zip(valid, out, strict=True):
+                    results[i] = result
         if not return_exceptions:
             for i, result in enumerate(results):
                 if isinstance(result, HSMError):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..api import EC, HSM, Key, KeyInfo, KeySpec, Op, Result, check_new_key
+from ..api import EC, HSM, Key, KeyInfo, KeySpec, Op, Result, check_lookup, check_new_key
 from ..batch import Operation, run_batch
 from ..errors import (
     AmbiguousKey,
