@@ -319,15 +319,38 @@ class Key(abc.ABC):
         data = _as_bytes(prepared, "data to sign")
         return _only(self._run("sign", mech, [data], **_ONE, ecdsa_format=fmt))
 
-    def decrypt(self, ciphertext: bytes, mechanism: str | Mechanism) -> bytes:
-        """Decrypt one ciphertext inside the HSM."""
-        mech = self._check(mechanism, sign=False)
+    def decrypt(
+        self, ciphertext: bytes, mechanism: str | Mechanism, *, allow_pkcs1v15: bool = False
+    ) -> bytes:
+        """Decrypt one ciphertext inside the HSM.
+
+        ``rsa-pkcs1`` (PKCS#1 v1.5) needs ``allow_pkcs1v15=True``: see :func:`_check_decrypt`.
+        """
+        mech = self._check_decrypt(mechanism, allow_pkcs1v15)
         data = self._ciphertext(ciphertext)
         return _only(self._run("decrypt", mech, [data], **_ONE, ecdsa_format="der"))
 
     def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
         mech = parse_mechanism(mechanism, sign=sign)
         check_key_type(mech, self.key_type, self.label)
+        return mech
+
+    def _check_decrypt(self, mechanism: str | Mechanism, allow_pkcs1v15: bool) -> Mechanism:
+        """A decrypt mechanism; PKCS#1 v1.5 only when the caller opts in.
+
+        PKCS#1 v1.5 decryption is a padding oracle by nature (Bleichenbacher
+        1998, ROBOT 2017): a service that tells apart, in any way, ciphertexts
+        with bad padding lets an attacker decrypt or sign with the key. OAEP
+        is the default everywhere; a caller whose partner can only encrypt
+        with v1.5 must say so on every call.
+        """
+        mech = self._check(mechanism, sign=False)
+        if mech is Mechanism.RSA_PKCS1 and allow_pkcs1v15 is not True:
+            raise InvalidInput(
+                "rsa-pkcs1 (PKCS#1 v1.5) decryption is a padding oracle (Bleichenbacher); use "
+                "rsa-oaep-sha256 or rsa-oaep-sha1, or pass allow_pkcs1v15=True if the sender "
+                "can only encrypt with PKCS#1 v1.5"
+            )
         return mech
 
     def _ciphertext(self, ct: object) -> bytes:
@@ -374,9 +397,10 @@ class Key(abc.ABC):
         *,
         threads: int | None = None,
         return_exceptions: bool = False,
+        allow_pkcs1v15: bool = False,
     ) -> list[Any]:
         """Decrypt many ciphertexts in parallel; results in input order (see sign_batch)."""
-        mech = self._check(mechanism, sign=False)
+        mech = self._check_decrypt(mechanism, allow_pkcs1v15)
         items = _prepare_all(ciphertexts, self._ciphertext, return_exceptions)
         return self._run_batch("decrypt", mech, items, threads, return_exceptions, "der")
 
@@ -449,13 +473,18 @@ class Key(abc.ABC):
         threads: int | None = None,
         window: int | None = None,
         return_exceptions: bool = False,
+        allow_pkcs1v15: bool = False,
     ) -> Iterator[Any]:
         """Stream plaintexts in order, holding at most ``window`` items in flight."""
-        self._check(mechanism, sign=False)
+        self._check_decrypt(mechanism, allow_pkcs1v15)
         return stream_batches(
             ciphertexts,
             lambda chunk: self.decrypt_batch(
-                chunk, mechanism, threads=threads, return_exceptions=return_exceptions
+                chunk,
+                mechanism,
+                threads=threads,
+                return_exceptions=return_exceptions,
+                allow_pkcs1v15=allow_pkcs1v15,
             ),
             _window(window, threads),
         )

@@ -120,7 +120,8 @@ def assert_offers_working_alternative(
     for alt in offered:
         plaintext = b"alternative " + alt.value.encode()
         try:
-            if key.decrypt(crypto_encrypt(public, plaintext, alt), alt.value) == plaintext:
+            ciphertext = crypto_encrypt(public, plaintext, alt)
+            if key.decrypt(ciphertext, alt.value, allow_pkcs1v15=True) == plaintext:
                 working.append(alt)
         except MechanismNotSupported:
             pass
@@ -227,17 +228,33 @@ def test_decrypts_ciphertext_made_by_independent_tool(
     else:
         ciphertext = crypto_encrypt(pem_public(key), plaintext, mech)
     try:
-        result = key.decrypt(ciphertext, mech.value)
+        result = key.decrypt(ciphertext, mech.value, allow_pkcs1v15=True)
     except MechanismNotSupported as exc:
         assert_offers_working_alternative(key, exc, mech)
         return
     assert result == plaintext
 
 
+def test_pkcs1v15_decryption_is_opt_in(keyring: Keyring) -> None:
+    """PKCS#1 v1.5 decryption is a padding oracle: refused unless the call opts in."""
+    key = keyring.get("rsa2048")
+    ciphertext = crypto_encrypt(pem_public(key), b"legacy", Mechanism.RSA_PKCS1)
+    for attempt in (
+        lambda: key.decrypt(ciphertext, "rsa-pkcs1"),
+        lambda: key.decrypt_batch([ciphertext], "rsa-pkcs1"),
+        lambda: key.decrypt_many([ciphertext], "rsa-pkcs1"),
+        lambda: key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=1),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInput, match=r"padding oracle.*rsa-oaep.*allow_pkcs1v15=True"):
+            attempt()
+    assert key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True) == b"legacy"
+    assert list(key.decrypt_many([ciphertext], "rsa-pkcs1", allow_pkcs1v15=True)) == [b"legacy"]
+
+
 def test_usage_is_enforced(hsm: HSM, weak_key: Key, unique_label: str) -> None:
     ciphertext = crypto_encrypt(pem_public(weak_key), b"p", Mechanism.RSA_PKCS1)
     with pytest.raises(InvalidInput, match="decrypt"):
-        weak_key.decrypt(ciphertext, "rsa-pkcs1")
+        weak_key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True)
     decrypt_only = hsm.generate_key(RSA(1024), unique_label, usage={"decrypt"})
     try:
         assert decrypt_only.info.usage == {"decrypt"}
@@ -245,7 +262,7 @@ def test_usage_is_enforced(hsm: HSM, weak_key: Key, unique_label: str) -> None:
             decrypt_only.sign(b"x", "rsa-pkcs1-sha256")
         plaintext = b"decrypt-only works"
         ct = crypto_encrypt(pem_public(decrypt_only), plaintext, Mechanism.RSA_PKCS1)
-        assert decrypt_only.decrypt(ct, "rsa-pkcs1") == plaintext
+        assert decrypt_only.decrypt(ct, "rsa-pkcs1", allow_pkcs1v15=True) == plaintext
     finally:
         decrypt_only.delete()
     with pytest.raises(InvalidInput, match="decrypt"):

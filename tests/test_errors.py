@@ -273,7 +273,7 @@ def test_unknown_mechanism(rsa_key: Key) -> None:
 def test_oversize_input(rsa_key: Key) -> None:
     ciphertext = encrypt(rsa_key, Mechanism.RSA_PKCS1)
     with raises(InvalidInput, match="257"):
-        rsa_key.decrypt(ciphertext + b"\x00", "rsa-pkcs1")
+        rsa_key.decrypt(ciphertext + b"\x00", "rsa-pkcs1", allow_pkcs1v15=True)
     with raises(InvalidInput):
         rsa_key.decrypt(b"\x01" * 512, "rsa-oaep-sha1")
     with raises(InvalidInput, match="32-byte"):
@@ -282,7 +282,7 @@ def test_oversize_input(rsa_key: Key) -> None:
         rsa_key.sign(PLAINTEXT[:32], "rsa-pss-sha512", prehashed=True)
     with raises(InvalidInput, match="bytes"):
         rsa_key.sign(PLAINTEXT.decode(), "rsa-pkcs1-sha256")  # type: ignore[arg-type]
-    assert rsa_key.decrypt(ciphertext, "rsa-pkcs1") == PLAINTEXT
+    assert rsa_key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True) == PLAINTEXT
 
 
 @pytest.mark.parametrize("mech", [Mechanism.RSA_OAEP_SHA1, Mechanism.RSA_PKCS1])
@@ -291,10 +291,10 @@ def test_corrupt_ciphertext(rsa_key: Key, mech: Mechanism) -> None:
     ciphertext[-1] ^= 0xFF
     ciphertext[100] ^= 0xFF
     with raises(DecryptionFailed):
-        rsa_key.decrypt(bytes(ciphertext), mech)
+        rsa_key.decrypt(bytes(ciphertext), mech, allow_pkcs1v15=True)
     with raises(DecryptionFailed):
-        rsa_key.decrypt(encrypt(rsa_key, Mechanism.RSA_OAEP_SHA1)[:-1], mech)
-    assert rsa_key.decrypt(encrypt(rsa_key, mech), mech) == PLAINTEXT
+        rsa_key.decrypt(encrypt(rsa_key, Mechanism.RSA_OAEP_SHA1)[:-1], mech, allow_pkcs1v15=True)
+    assert rsa_key.decrypt(encrypt(rsa_key, mech), mech, allow_pkcs1v15=True) == PLAINTEXT
 
 
 BAD_TYPES_SCRIPT = """

@@ -64,7 +64,7 @@ def test_import_rsa_and_ec_keys(nethsm_hsm: NetHSM, unique_label: str) -> None:
         signed = imported.sign(b"imported", Mechanism.RSA_PKCS1_SHA256)
         pkcs1_verify(rsa_private.public_key(), signed, b"imported")
         ciphertext = rsa_private.public_key().encrypt(b"secret", padding.PKCS1v15())
-        assert imported.decrypt(ciphertext, "rsa-pkcs1") == b"secret"
+        assert imported.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True) == b"secret"
         signature = ec_imported.sign(b"imported ec", "ecdsa-sha384")
         ec_private.public_key().verify(signature, b"imported ec", ec.ECDSA(hashes.SHA384()))
         found = nethsm_hsm.get_key(f"{unique_label} ec")

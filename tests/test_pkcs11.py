@@ -216,9 +216,9 @@ def test_sign_only_key_refuses_decrypt(
     public = serialization.load_pem_public_key(key.public_key_pem().encode())
     ciphertext = crypto_encrypt(public, b"refused", Mechanism.RSA_PKCS1)
     with pytest.raises(InvalidInput, match=r"not made for decrypt.*usage"):
-        key.decrypt(ciphertext, "rsa-pkcs1")
+        key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True)
     with pytest.raises(InvalidInput, match="decrypt"):
-        key.decrypt_batch([ciphertext, ciphertext], "rsa-pkcs1")
+        key.decrypt_batch([ciphertext, ciphertext], "rsa-pkcs1", allow_pkcs1v15=True)
 
 
 # -- RFC 7512 URIs ----------------------------------------------------------------------

@@ -92,7 +92,8 @@ def decrypt(key: Key, key_id: str, mechanisms: list[str], mode: str, data: bytes
         raise bad_request(f"decrypt mode {mode} is not supported by this token (hsmbridge serve)")
     if len(data) > key.spec.size // 8:
         raise bad_request(f"the ciphertext is longer than the RSA-{key.spec.size} modulus")
-    return key.decrypt(data, candidates[0])
+    # the key's mechanisms decide: RSA_Decryption_PKCS1 was allowed when the key was made
+    return key.decrypt(data, candidates[0], allow_pkcs1v15=True)
 
 
 def check_encrypt(key: Key, mode: object) -> ApiError:
