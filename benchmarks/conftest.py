@@ -55,7 +55,7 @@ def _summary() -> dict[str, Any]:
     ratio_runs: dict[tuple[str, str], list[float]] = {}
     for (workload, _), by in rounds.items():
         batch = by.get("hsmbridge-batch")
-        for base in ("c-ceiling", "python-pkcs11", "c-ceiling-session-copy"):
+        for base in ("c-ceiling", "python-pkcs11"):
             if batch and by.get(base):
                 ratio_runs.setdefault((workload, base), []).append(batch / by[base])
     return {

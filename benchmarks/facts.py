@@ -185,13 +185,24 @@ def child_keygen(module: str, label: str) -> dict[str, Any]:
 
 
 def child_make_keys(module: str, label: str) -> dict[str, Any]:
-    """Keys for fact 5's C loops (the ceiling program finds them by label)."""
-    import hsmbridge
+    """Keys for fact 5's C loops (the ceiling program finds them by label).
 
-    hsm = hsmbridge.open(f"pkcs11:token={label}?module-path={module}", pin=PIN)
-    hsm.generate_key(hsmbridge.EC("P-256"), label="ec")
-    hsm.generate_key(hsmbridge.RSA(2048), label="rsa", usage={"sign", "decrypt"})
-    hsm.close()
+    Made with python-pkcs11's defaults, which leave keys copyable: hsmbridge's
+    own keys are not (key separation), so they admit no session copy.
+    """
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    lib = pkcs11.lib(module)
+    with lib.get_token(token_label=label).open(rw=True, user_pin=PIN) as session:
+        params = session.create_domain_parameters(
+            KeyType.EC,
+            {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+            local=True,
+        )
+        params.generate_keypair(store=True, label="ec")
+        session.generate_keypair(KeyType.RSA, 2048, store=True, label="rsa")
     return {}
 
 

@@ -25,7 +25,7 @@ from hsmbridge.pkcs11 import Pkcs11HSM
 
 from .conftest import COUNT, ROUNDS, THREADS
 
-ALL_CONTENDERS = (*CONTENDERS, "c-ceiling-session-copy")
+ALL_CONTENDERS = CONTENDERS
 
 
 @pytest.fixture(scope="module", params=WORKLOADS, ids=[w.name for w in WORKLOADS])

@@ -56,6 +56,8 @@ def open(uri: str | None = None, **options: Any) -> HSM:
         from .uri import parse_pkcs11_uri
 
         pin = options.pop("pin", None)
+        if pin is not None and not isinstance(pin, str):
+            raise ConfigurationError(f"pin= must be a str, not {type(pin).__name__}")
         parsed = parse_pkcs11_uri(uri, pin=pin)
         return Pkcs11HSM(parsed, **options)
     if uri.startswith("nethsm://"):

@@ -118,7 +118,16 @@ def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozens
     """Check a usage set; default is ``{"sign"}`` (one purpose per key)."""
     if usage is None:
         return frozenset({"sign"})
-    items = {usage} if isinstance(usage, str) else set(usage)
+    if isinstance(usage, str):
+        items = {usage}
+    elif isinstance(usage, (set, frozenset, list, tuple)) and all(
+        isinstance(u, str) for u in usage
+    ):
+        items = set(usage)
+    else:
+        raise InvalidInput(
+            f"usage must be 'sign', 'decrypt' or a set of them, not {type(usage).__name__}"
+        )
     unknown = items - USAGES
     if unknown or not items:
         raise InvalidInput(
@@ -135,7 +144,22 @@ def check_new_key(spec: KeySpec, label: str, usage: Iterable[str] | str | None) 
         raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
     if not label or not isinstance(label, str):
         raise InvalidInput("a key needs a non-empty label")
+    check_label_length(label)
     return normalize_usage(usage, spec)
+
+
+#: the longest label hsmbridge writes (UTF-8 bytes): room for any naming scheme,
+#: small enough that a label never costs a token or a message much
+MAX_LABEL_BYTES = 255
+
+
+def check_label_length(label: str) -> None:
+    size = len(label.encode("utf-8", "surrogatepass"))
+    if size > MAX_LABEL_BYTES:
+        raise InvalidInput(
+            f"a label is at most {MAX_LABEL_BYTES} bytes of UTF-8, this one is {size}: "
+            f"{label[:40]!r}...; use a shorter label"
+        )
 
 
 def check_lookup(label: object, key_id: object) -> str:
@@ -145,8 +169,11 @@ def check_lookup(label: object, key_id: object) -> str:
     for name, value in (("label", label), ("key_id", key_id)):
         if value is not None and (not isinstance(value, str) or not value):
             raise InvalidInput(
-                f"get_key's {name} must be a non-empty str, not {type(value).__name__} {value!r}"
+                f"get_key's {name} must be a non-empty str, not {type(value).__name__} "
+                f"{str(value)[:40]!r}"
             )
+        if isinstance(value, str):
+            check_label_length(value)
     return " and ".join(
         f"{k} {v!r}" for k, v in (("label", label), ("id", key_id)) if v is not None
     )
@@ -302,7 +329,7 @@ class Key(abc.ABC):
         """
         mech = self._check(mechanism, sign=True)
         fmt = check_signature_format(signature_format)
-        prepared = signing_preparer(mech, prehashed=prehashed)(data)
+        prepared = signing_preparer(mech, prehashed=_flag(prehashed, "prehashed"))(data)
         return _only(self._run("sign", mech, [prepared], **_ONE, ecdsa_format=fmt))
 
     def sign_prepared(
@@ -386,7 +413,9 @@ class Key(abc.ABC):
         mech = self._check(mechanism, sign=True)
         fmt = check_signature_format(signature_format)
         items = _prepare_all(
-            messages, signing_preparer(mech, prehashed=prehashed), return_exceptions
+            messages,
+            signing_preparer(mech, prehashed=_flag(prehashed, "prehashed")),
+            _flag(return_exceptions, "return_exceptions"),
         )
         return self._run_batch("sign", mech, items, threads, return_exceptions, fmt)
 
@@ -505,6 +534,12 @@ def _only(results: list[Result]) -> bytes:
         raise result
     assert result is not None  # one item is always attempted
     return result
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be True or False, not {type(value).__name__}")
+    return value
 
 
 def _as_bytes(value: object, what: str) -> bytes:

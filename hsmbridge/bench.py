@@ -188,9 +188,7 @@ def ceiling_binary() -> Path | None:
     return None if module is None else Path(module.build_ceiling())
 
 
-def run_ceiling(
-    prep: Prepared, hsm: Pkcs11HSM, pin: str, threads: int, count: int, session_copy: bool = False
-) -> Measurement:
+def run_ceiling(prep: Prepared, hsm: Pkcs11HSM, pin: str, threads: int, count: int) -> Measurement:
     module = _ceiling_module()
     if module is None:
         raise ConfigurationError("the C ceiling needs a source checkout (benchmarks/ceiling)")
@@ -204,13 +202,13 @@ def run_ceiling(
             op=prep.workload.op,
             threads=threads,
             count=count,
-            session_copy=session_copy,
             timeout=600,
         )
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         raise ConfigurationError(f"the C ceiling failed: {exc}") from None
-    name = "c-ceiling-session-copy" if session_copy else "c-ceiling"
-    return Measurement(prep.workload.name, name, threads, int(result["ops"]), result["seconds"])
+    return Measurement(
+        prep.workload.name, "c-ceiling", threads, int(result["ops"]), result["seconds"]
+    )
 
 
 def measure(prep: Prepared, contender: str, threads: int, hsm: Pkcs11HSM, pin: str) -> Measurement:
@@ -219,8 +217,6 @@ def measure(prep: Prepared, contender: str, threads: int, hsm: Pkcs11HSM, pin: s
     n = len(prep.inputs)
     if contender == "c-ceiling":
         return run_ceiling(prep, hsm, pin, threads, n)
-    if contender == "c-ceiling-session-copy":
-        return run_ceiling(prep, hsm, pin, threads, n, session_copy=True)
     used_threads = threads
     if contender == "python-pkcs11":
         used_threads = 1

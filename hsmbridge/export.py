@@ -79,6 +79,8 @@ def jwk_thumbprint(members: dict[str, str]) -> str:
 
 def upload_json(der: bytes, *, min_bits: int = 2048) -> str:
     """``{"public_key": PEM}`` as payment providers ask for it; refuses weak keys."""
+    if not isinstance(min_bits, int) or isinstance(min_bits, bool) or min_bits < 0:
+        raise InvalidInput(f"min_bits must be a whole number of bits, not {min_bits!r}")
     info = _load_spki(der)
     if info.algorithm == "rsa" and info.bit_size < min_bits:
         raise InvalidInput(

@@ -179,3 +179,77 @@ def test_two_threads_two_sessions_do_not_crash(softhsm_token: SoftToken) -> None
     """
     report = run_child(TWO_THREADS, softhsm_token, "2000")
     assert report["verified"] == 4000
+
+
+# -- creation races across processes, and closing with work in flight --------------------
+
+SAME_LABEL = """
+import os, sys, time, hsmbridge
+hsm = hsmbridge.open(sys.argv[1], pin=sys.argv[2])
+go = float(sys.argv[4])
+while time.time() < go:  # both processes start creating at the same instant
+    pass
+try:
+    hsm.generate_key(hsmbridge.EC(), sys.argv[3])
+    print("created")
+except hsmbridge.KeyExists:
+    print("exists")
+"""
+
+
+def test_two_processes_creating_one_label_never_both_succeed(softhsm_token: SoftToken) -> None:
+    import time
+    import uuid
+
+    import hsmbridge
+
+    env = {**os.environ, **softhsm_token.env()}
+    with hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin) as hsm:
+        for trial in range(6):
+            label = f"race-{uuid.uuid4().hex[:8]}-{trial}"
+            go = str(time.time() + 1.5)
+            argv = [sys.executable, "-c", SAME_LABEL, softhsm_token.uri, softhsm_token.pin]
+            children = [
+                subprocess.Popen([*argv, label, go], stdout=subprocess.PIPE, text=True, env=env)
+                for _ in range(2)
+            ]
+            outcomes = sorted(c.communicate(timeout=60)[0].strip() for c in children)
+            assert outcomes.count("created") <= 1, outcomes
+            survivors = [i for i in hsm.list_keys() if i.label == label]
+            assert len(survivors) == outcomes.count("created"), (outcomes, survivors)
+            for info in survivors:
+                hsm.get_key(key_id=info.id).delete()
+
+
+def test_close_waits_for_batches_in_flight(softhsm_token: SoftToken) -> None:
+    import threading
+
+    import hsmbridge
+
+    hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin, native=False)
+    key = hsm.generate_key(hsmbridge.EC(), f"close-{os.getpid()}")
+    key_id = key.id
+    outcome: list[object] = []
+    started = threading.Event()
+
+    def batch() -> None:
+        started.set()
+        try:
+            outcome.append(len(key.sign_batch([b"m"] * 4000, "ecdsa-sha256", threads=2)))
+        except hsmbridge.HSMError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    started.wait()
+    threading.Event().wait(0.05)  # the batch is running
+    hsm.close()
+    worker.join()
+    assert outcome == [4000]  # it finished; before, it failed with a misleading KeyNotFound
+    with hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin) as again:
+        again.get_key(key_id=key_id).delete()
+    try:
+        key.sign(b"m", "ecdsa-sha256")
+        raise AssertionError("a closed handle signed")
+    except hsmbridge.HSMUnavailable as exc:
+        assert "closed" in exc.message

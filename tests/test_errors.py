@@ -307,6 +307,19 @@ calls = [
     lambda: hsm.get_key(key_id=5),
     lambda: hsm.get_key(key_id=b"\\x01"),
     lambda: hsm.generate_key(hsmbridge.EC(), "bad-types", key_id=b"\\x01"),
+    lambda: hsm.generate_key(hsmbridge.EC(), "bad-types", usage=5),
+    lambda: hsm.generate_key(hsmbridge.EC(), "x" * 10_000_000),
+    lambda: hsm.get_key("x" * 10_000),
+    lambda: hsmbridge.open(sys.argv[1], pin=1234),
+    lambda: hsmbridge.open(sys.argv[1], pin=sys.argv[2], max_sessions="2"),
+]
+key = hsm.generate_key(hsmbridge.EC(), "bad-types-key")
+calls += [
+    lambda: key.upload_json(min_bits="x"),
+    lambda: key.sign_batch([b"m"], "ecdsa-sha256", threads="2"),
+    lambda: list(key.sign_many([b"m"], "ecdsa-sha256", window="x")),
+    lambda: key.sign(b"m", "ecdsa-sha256", prehashed="yes"),
+    lambda: key.sign(memoryview(b"abcdef")[::2], "ecdsa-sha256"),  # non-contiguous: fine
 ]
 for call in calls:
     try:
@@ -314,6 +327,7 @@ for call in calls:
         print("no error")
     except Exception as exc:
         print(type(exc).__name__, flush=True)
+key.delete()
 """
 
 
@@ -325,7 +339,9 @@ def test_wrong_argument_types_do_not_crash(softhsm_token: SoftToken) -> None:
         capture_output=True, text=True, timeout=120, env={**os.environ, **softhsm_token.env()},
     )  # fmt: skip
     assert done.returncode == 0, f"exit {done.returncode}: {done.stdout} {done.stderr[-2000:]}"
-    assert done.stdout.split() == ["InvalidInput"] * 5
+    assert done.stdout.split() == ["InvalidInput"] * 8 + ["ConfigurationError"] + [
+        "InvalidInput"
+    ] * 5 + ["no", "error"]
 
 
 # -- a fresh process: a real C_Login failure and a token with a distinctive PIN -------------

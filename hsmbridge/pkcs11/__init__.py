@@ -18,8 +18,9 @@ measured facts behind it):
 - **Keys.** :class:`Pkcs11HSM` (``backend.py``) manages keys through the admin
   session; a :class:`Pkcs11Key` (``key.py``) runs sign/decrypt on worker
   sessions: the native engine binds N pooled sessions to N pthreads for one
-  batch, the Python engine binds one session per thread. Batches use a
-  session-object copy of the key (``copies.py``, fact 5).
+  batch, the Python engine binds one session per thread. Keys are made
+  non-copyable and non-modifiable (``templates.py``), so no session-object
+  copies (fact 5): deleting a key ends every use of it, in every process.
 - **What the token can do** is learned, not assumed (``capabilities.py``).
 """
 

@@ -1,9 +1,8 @@
 """The token handle: :class:`Pkcs11HSM` (key management on one token).
 
 The handle owns the pieces of the session design (see the package
-docstring): the loaded module, the session pool, the token's
-:class:`~.capabilities.Capabilities` and the :class:`~.copies.SessionCopies`
-of its keys. Keys themselves are :class:`~.key.Pkcs11Key`.
+docstring): the loaded module, the session pool and the token's
+:class:`~.capabilities.Capabilities`. Keys themselves are :class:`~.key.Pkcs11Key`.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ from ..errors import (
 from ..mechanisms import Mechanism
 from ..uri import Pkcs11URI
 from . import ec, rsa
-from .capabilities import Capabilities
-from .copies import SessionCopies
+from .capabilities import Capabilities, ckm_of
 from .errormap import translate
 from .key import Pkcs11Key
 from .module import LoadedModule, load_module, load_native
@@ -95,6 +93,10 @@ class Pkcs11HSM(HSM):
                 f"no PIN for {self.description}; give pin-value= or pin-source= in the URI, "
                 "pass pin=, or set HSMBRIDGE_PIN"
             )
+        if max_sessions is not None and (
+            not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1
+        ):
+            raise InvalidInput(f"max_sessions must be a whole number >= 1, not {max_sessions!r}")
         workers = max_sessions or max(4, 2 * (os.cpu_count() or 1))
         if not self.module.thread_safe:
             workers = 1
@@ -109,7 +111,6 @@ class Pkcs11HSM(HSM):
                 "reinstall hsmbridge with a C compiler available"
             )
         self.capabilities = Capabilities(slot, self.description)
-        self.copies = SessionCopies(self.pool)
 
     # -- key management ---------------------------------------------------------
 
@@ -182,7 +183,9 @@ class Pkcs11HSM(HSM):
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
-        public_t, private_t = key_pair_templates(raw_id, label, usage)
+        public_t, private_t = key_pair_templates(
+            raw_id, label, usage, allowed_mechanisms(spec, usage)
+        )
         with self.pool.admin() as session:
             if self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
@@ -200,7 +203,22 @@ class Pkcs11HSM(HSM):
                 raise
             except Exception as exc:
                 raise translate(exc, what=what) from None
-            return Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
+            key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
+            # The checks above and the creation are not one atomic step: another
+            # process may have created the same label or id meanwhile. Whoever
+            # sees a twin after creating withdraws, so two never both succeed
+            # (both may withdraw; the caller tries again).
+            twins = len(self._find(session, {Attribute.LABEL: label})) > 1 or (
+                len(self._find(session, {Attribute.ID: raw_id})) > 1
+            )
+        if twins:
+            key.delete()
+            raise KeyExists(
+                f"another process created a key labelled {label!r} (or with id "
+                f"{raw_id.hex()!r}) in {self.description} at the same moment; this one was "
+                "withdrawn. Try again, or choose another label"
+            )
+        return key
 
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Pkcs11Key:
         wanted = check_lookup(label, key_id)  # a non-str label segfaults python-pkcs11
@@ -286,13 +304,31 @@ class Pkcs11HSM(HSM):
 
     # -- mechanisms and lifetime --------------------------------------------------------
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Worker sessions open and idle (a leak shows as open sessions that never go idle)."""
+        open_, idle = self.pool.counts()
+        return {
+            "sessions_open": open_,
+            "sessions_idle": idle,
+            "sessions_max": self.pool.max_workers,
+        }
+
     def supported_mechanisms(self) -> list[Mechanism]:
         """hsmbridge mechanisms the token offers (see :class:`Capabilities`)."""
         return self.capabilities.offered()
 
     def close(self) -> None:
-        self.copies.close()
         self.pool.close()
+
+
+def allowed_mechanisms(spec: KeySpec, usage: frozenset[str]) -> set[Any]:
+    """The PKCS#11 mechanisms a key of ``spec`` made for ``usage`` may be used with."""
+    return {
+        ckm_of(m)
+        for m in Mechanism
+        if m.key_type == spec.key_type and ("sign" if m.is_sign else "decrypt") in usage
+    }
 
 
 def _attr(obj: Any, attr: Attribute, default: Any) -> Any:

@@ -85,7 +85,7 @@ class Pkcs11Key(Key):
                 self.hsm.module.path,
                 0 if op == "sign" else 1,
                 [s.handle for s in sessions],
-                self.hsm.copies.handle_for(self.handle, self._object_in, self.label),
+                self.handle,
                 int(ckm),
                 param,
                 list(items),
@@ -242,7 +242,6 @@ class Pkcs11Key(Key):
         return min(self.hsm.pool.max_workers, default_threads())
 
     def _delete(self) -> None:
-        self.hsm.copies.drop(self.handle)
         with self.hsm.pool.admin() as session:
             priv = self._object_in(session)
             pub = self.hsm._public_object(priv)

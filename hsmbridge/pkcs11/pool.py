@@ -31,8 +31,13 @@ import pkcs11
 
 from ..errors import AuthenticationError, HSMUnavailable
 from .errormap import SESSION_BROKEN, translate
+from .templates import MAPPER
 
 log = logging.getLogger("hsmbridge.pkcs11")
+
+
+#: seconds close() waits for operations in flight
+CLOSE_TIMEOUT = 30.0
 
 
 class PooledSession:
@@ -92,7 +97,7 @@ class SessionPool:
             login = _logins.get(self._login_key)
             if login is None:
                 try:
-                    session = self._token.open(rw=True, user_pin=pin)
+                    session = self._token.open(rw=True, user_pin=pin, attribute_mapper=MAPPER)
                 except Exception as exc:
                     raise translate(exc, what="logging in to the token") from None
                 login = _logins[self._login_key] = _Login(session, _pin_digest(pin))
@@ -116,13 +121,18 @@ class SessionPool:
 
     def _open_admin(self) -> pkcs11.Session:
         try:
-            return self._token.open(rw=True)
+            return self._token.open(rw=True, attribute_mapper=MAPPER)
         except Exception as exc:
             raise translate(exc, what="opening a session") from None
 
     @property
     def max_workers(self) -> int:
         return self._max
+
+    def counts(self) -> tuple[int, int]:
+        """(worker sessions open, of which idle)."""
+        with self._cond:
+            return self._open_count, len(self._idle)
 
     @contextlib.contextmanager
     def admin(self) -> Iterator[pkcs11.Session]:
@@ -187,7 +197,7 @@ class SessionPool:
                     pooled.session.close()
             else:
                 self._idle.append(pooled)
-            self._cond.notify()
+            self._cond.notify_all()  # a waiting acquire, or close() waiting for the last one
 
     @contextlib.contextmanager
     def session(self) -> Iterator[PooledSession]:
@@ -207,13 +217,24 @@ class SessionPool:
             got.append(self.acquire(timeout=1.0))
         return got
 
-    def close(self) -> None:
+    def _all_idle(self) -> bool:
+        return self._open_count == len(self._idle)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Refuse new work, wait for operations in flight, then close and log out.
+
+        Operations still running after ``timeout`` seconds fail when their
+        sessions close (logged as a warning).
+        """
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            idle, self._idle = self._idle, []
             self._cond.notify_all()
+            if not self._cond.wait_for(self._all_idle, timeout):
+                busy = self._open_count - len(self._idle)
+                log.warning("closing with %d PKCS#11 sessions still in use", busy)
+            idle, self._idle = self._idle, []
         for pooled in idle:
             with contextlib.suppress(Exception):
                 pooled.session.close()
