@@ -243,6 +243,7 @@ class Pkcs11Key(Key):
 
     def _delete(self) -> None:
         self.hsm.copies.drop(self.handle)
+        self.hsm.keys.forget_handle(self.handle)
         with self.hsm.pool.admin() as session:
             priv = self._object_in(session)
             pub = self.hsm._public_object(priv)
