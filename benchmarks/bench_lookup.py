@@ -72,6 +72,8 @@ def pkcs11_listing(session: Any, *, bulk: bool) -> list[tuple[str, str, str, int
     import pkcs11.exceptions as p11x
     from pkcs11 import Attribute, KeyType, ObjectClass
 
+    from hsmbridge.pkcs11.lookup import PRIVATE_FIELDS
+
     def attrs(obj: Any, wanted: Sequence[Attribute]) -> dict[Attribute, Any]:
         if bulk:
             return dict(obj.get_attributes(list(wanted)))
@@ -83,14 +85,8 @@ def pkcs11_listing(session: Any, *, bulk: bool) -> list[tuple[str, str, str, int
                 continue
         return out
 
-    private_fields = (
-        Attribute.LABEL,
-        Attribute.ID,
-        Attribute.KEY_TYPE,
-        Attribute.SIGN,
-        Attribute.DECRYPT,
-        Attribute.MODULUS,
-    )
+    # what hsmbridge reads, less the private key's curve: this listing takes it from the public half
+    private_fields = [f for f in PRIVATE_FIELDS if f != Attribute.EC_PARAMS]
     query = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.TOKEN: True}
     privs = [attrs(o, private_fields) for o in session.get_objects(query)]
     publics: dict[tuple[bytes, Any], bytes] = {}
