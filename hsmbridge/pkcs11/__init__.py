@@ -21,6 +21,10 @@ measured facts behind it):
   batch, the Python engine binds one session per thread. Batches use a
   session-object copy of the key (``copies.py``, fact 5).
 - **What the token can do** is learned, not assumed (``capabilities.py``).
+- **Finding keys** (``lookup.py``) also runs on the admin session: a listing
+  is one search (two at most), however many keys the token holds, and
+  ``get_key`` answers from a per-handle cache of key handles, each hit checked
+  by one attribute read on the cached object.
 """
 
 from .backend import Pkcs11HSM
