@@ -22,6 +22,10 @@ measured facts behind it):
   non-copyable and non-modifiable (``templates.py``), so no session-object
   copies (fact 5): deleting a key ends every use of it, in every process.
 - **What the token can do** is learned, not assumed (``capabilities.py``).
+- **Finding keys** (``lookup.py``) also runs on the admin session: a listing
+  is one search (two at most), however many keys the token holds, and
+  ``get_key`` answers from a per-handle cache of key handles, each hit checked
+  by one attribute read on the cached object.
 """
 
 from .backend import Pkcs11HSM

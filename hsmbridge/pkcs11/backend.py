@@ -7,28 +7,24 @@ docstring): the loaded module, the session pool and the token's
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import pkcs11.exceptions as p11x
-from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag
+from pkcs11 import Attribute, TokenFlag
 
-from ..api import EC, HSM, RSA, KeyInfo, KeySpec, check_lookup, check_new_key
+from ..api import HSM, RSA, KeyInfo, KeySpec, check_lookup, check_new_key
 from ..errors import (
-    AmbiguousKey,
     ConfigurationError,
     HSMError,
     InvalidInput,
     KeyExists,
-    KeyNotFound,
     TokenNotFound,
 )
 from ..mechanisms import Mechanism
 from ..uri import Pkcs11URI
-from . import ec, rsa
+from . import ec, lookup, rsa
 from .capabilities import Capabilities, ckm_of
 from .errormap import translate
 from .key import Pkcs11Key
@@ -111,6 +107,7 @@ class Pkcs11HSM(HSM):
                 "reinstall hsmbridge with a C compiler available"
             )
         self.capabilities = Capabilities(slot, self.description)
+        self.keys = lookup.KeyCache(self.description)  # get_key's validated handles
 
     # -- key management ---------------------------------------------------------
 
@@ -203,6 +200,8 @@ class Pkcs11HSM(HSM):
                 raise
             except Exception as exc:
                 raise translate(exc, what=what) from None
+            finally:
+                self.keys.forget(label, raw_id)
             key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
             # The checks above and the creation are not one atomic step: another
             # process may have created the same label or id meanwhile. Whoever
@@ -222,29 +221,15 @@ class Pkcs11HSM(HSM):
 
     def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Pkcs11Key:
         wanted = check_lookup(label, key_id)  # a non-str label segfaults python-pkcs11
-        template: dict[Attribute, Any] = {}
-        if label is not None:
-            template[Attribute.LABEL] = label
+        raw_id = None
         if key_id is not None:
             try:
-                template[Attribute.ID] = bytes.fromhex(key_id)
+                raw_id = bytes.fromhex(key_id)
             except ValueError:
                 raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
         with self.pool.admin() as session:
-            found = self._find(session, template)
-            if not found:
-                known = [info.label for info in self._infos(session)][:20]
-                raise KeyNotFound(
-                    f"no key with {wanted} in {self.description}; keys present: "
-                    + (", ".join(repr(k) for k in known) or "none")
-                )
-            if len(found) > 1:
-                ids = ", ".join(bytes(o[Attribute.ID]).hex() or "(no id)" for o in found)
-                raise AmbiguousKey(
-                    f"{len(found)} keys have {wanted} in {self.description} (ids: {ids}); "
-                    "ask by key_id or give the keys unique labels"
-                )
-            return Pkcs11Key(self, self._info(found[0]), int(found[0].handle))
+            handle, info = self.keys.find(session, label, raw_id, wanted)
+        return Pkcs11Key(self, info, handle)
 
     def list_keys(self) -> list[KeyInfo]:
         with self.pool.admin() as session:
@@ -252,55 +237,20 @@ class Pkcs11HSM(HSM):
 
     def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
         # CKA_TOKEN: never return the session-object copies made for batches.
-        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.TOKEN: True, **template}
-        try:
-            return [
-                o for o in session.get_objects(template) if o.key_type in (KeyType.RSA, KeyType.EC)
-            ]
-        except Exception as exc:
-            raise translate(exc, what="searching keys") from None
+        return [key.obj for key in lookup.private_keys(session, template)]
 
     def _infos(self, session: Any) -> list[KeyInfo]:
-        infos = []
-        for obj in self._find(session, {}):
-            with contextlib.suppress(HSMError):
-                infos.append(self._info(obj))
-        return sorted(infos, key=lambda i: (i.label, i.id))
+        return lookup.list_infos(session)
 
     def _info(self, priv: Any) -> KeyInfo:
-        spec: KeySpec
-        if priv.key_type == KeyType.RSA:
-            spec = rsa.spec_of(priv)
-        else:
-            spec = ec.spec_of(self._public_object(priv))
-        usage = {
-            name
-            for name, attr in (("sign", Attribute.SIGN), ("decrypt", Attribute.DECRYPT))
-            if _attr(priv, attr, False)
-        }
-        if isinstance(spec, EC):  # modules (SoftHSM2) default CKA_DECRYPT to true on EC keys
-            usage.discard("decrypt")
-        label = _attr(priv, Attribute.LABEL, "") or ""
-        return KeyInfo(label, bytes(_attr(priv, Attribute.ID, b"")).hex(), spec, frozenset(usage))
+        return lookup.info_with_public(
+            lookup.PrivateKey(priv, lookup.read(priv, lookup.PRIVATE_FIELDS))
+        )
 
     def _public_object(self, priv: Any) -> Any:
         """The public key paired with ``priv`` (same CKA_ID and key type; if other
         applications reused the id, the one with the same label), or priv itself."""
-        key_id = _attr(priv, Attribute.ID, None)
-        if key_id:
-            template = {
-                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                Attribute.ID: key_id,
-                Attribute.KEY_TYPE: priv.key_type,
-            }
-            found = list(priv.session.get_objects(template))
-            label = _attr(priv, Attribute.LABEL, None)
-            for pub in found:
-                if _attr(pub, Attribute.LABEL, None) == label:
-                    return pub
-            if found:
-                return found[0]
-        return priv  # RSA private keys carry modulus and exponent; EC ones may carry EC_PARAMS
+        return lookup.public_half(priv)
 
     # -- mechanisms and lifetime --------------------------------------------------------
 
@@ -329,10 +279,3 @@ def allowed_mechanisms(spec: KeySpec, usage: frozenset[str]) -> set[Any]:
         for m in Mechanism
         if m.key_type == spec.key_type and ("sign" if m.is_sign else "decrypt") in usage
     }
-
-
-def _attr(obj: Any, attr: Attribute, default: Any) -> Any:
-    try:
-        return obj[attr]
-    except (p11x.AttributeTypeInvalid, p11x.AttributeSensitive, KeyError):
-        return default

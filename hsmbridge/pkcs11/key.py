@@ -242,6 +242,7 @@ class Pkcs11Key(Key):
         return min(self.hsm.pool.max_workers, default_threads())
 
     def _delete(self) -> None:
+        self.hsm.keys.forget_handle(self.handle)
         with self.hsm.pool.admin() as session:
             priv = self._object_in(session)
             pub = self.hsm._public_object(priv)
