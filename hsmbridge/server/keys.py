@@ -51,17 +51,21 @@ def _pick(mode: str, candidates: list[Mechanism], message: bytes) -> Mechanism:
     return candidates[0]
 
 
+def _candidates(op: str, mode: str, mechanisms: list[str], key_id: str) -> list[Mechanism]:
+    """hsmbridge mechanisms for a sign/decrypt ``mode`` the key allows (else 400)."""
+    modes = vocabulary.SIGN_MODES if op == "sign" else vocabulary.DECRYPT_MODES
+    if mode not in modes:
+        raise bad_request(f"unknown {op} mode {mode!r}; use one of: {', '.join(modes)}")
+    _require(mechanisms, modes[mode], mode, key_id)
+    candidates = vocabulary.mechanisms_of_mode(mode, sign=op == "sign")
+    if not candidates:
+        raise bad_request(f"{op} mode {mode} is not supported by this token (hsmbridge serve)")
+    return candidates
+
+
 def sign(key: Key, key_id: str, mechanisms: list[str], mode: str, message: bytes) -> bytes:
     """Sign as the appliance does: ``message`` is the prepared input of ``mode``."""
-    if mode not in vocabulary.SIGN_MODES:
-        raise bad_request(
-            f"unknown sign mode {mode!r}; use one of: {', '.join(vocabulary.SIGN_MODES)}"
-        )
-    _require(mechanisms, vocabulary.SIGN_MODES[mode], mode, key_id)
-    candidates = vocabulary.mechanisms_of_mode(mode, sign=True)
-    if not candidates:
-        raise bad_request(f"sign mode {mode} is not supported by this token (hsmbridge serve)")
-    mech = _pick(mode, candidates, message)
+    mech = _pick(mode, _candidates("sign", mode, mechanisms, key_id), message)
     size = key.spec.size
     if mech.family == "pkcs1" and len(message) > size // 8 - 11:
         raise bad_request(
@@ -78,22 +82,15 @@ def sign(key: Key, key_id: str, mechanisms: list[str], mode: str, message: bytes
 
 
 def decrypt(key: Key, key_id: str, mechanisms: list[str], mode: str, data: bytes) -> bytes:
-    if mode not in vocabulary.DECRYPT_MODES:
-        raise bad_request(
-            f"unknown decrypt mode {mode!r}; use one of: {', '.join(vocabulary.DECRYPT_MODES)}"
-        )
     if mode == "AES_CBC":
         raise bad_request(
             f"mode AES_CBC needs a Generic key; {key_id} is {vocabulary.type_of(key.spec)}"
         )
-    _require(mechanisms, vocabulary.DECRYPT_MODES[mode], mode, key_id)
-    candidates = vocabulary.mechanisms_of_mode(mode, sign=False)
-    if not candidates:
-        raise bad_request(f"decrypt mode {mode} is not supported by this token (hsmbridge serve)")
+    [mech] = _candidates("decrypt", mode, mechanisms, key_id)
     if len(data) > key.spec.size // 8:
         raise bad_request(f"the ciphertext is longer than the RSA-{key.spec.size} modulus")
     # the key's mechanisms decide: RSA_Decryption_PKCS1 was allowed when the key was made
-    return key.decrypt(data, candidates[0], allow_pkcs1v15=True)
+    return key.decrypt(data, mech, allow_pkcs1v15=True)
 
 
 def check_encrypt(key: Key, mode: object) -> ApiError:
