@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -203,13 +204,22 @@ class Pkcs11HSM(HSM):
             finally:
                 self.keys.forget(label, raw_id)
             key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
-            # The checks above and the creation are not one atomic step: another
-            # process may have created the same label or id meanwhile. Whoever
-            # sees a twin after creating withdraws, so two never both succeed
-            # (both may withdraw; the caller tries again).
-            twins = len(self._find(session, {Attribute.LABEL: label})) > 1 or (
-                len(self._find(session, {Attribute.ID: raw_id})) > 1
-            )
+        # The checks above and the creation are not one atomic step: another
+        # process may have created the same label or id meanwhile. Whoever sees
+        # a twin after creating withdraws, so two never both succeed (both may
+        # withdraw; the caller tries again). SoftHSM2 shows another process's
+        # new object only some time after creating it (two processes creating
+        # at once both saw no twin in 1 of 4 runs), so the check is repeated
+        # after a pause, without holding the admin session.
+        twins = False
+        for pause in (0.0, TWIN_RECHECK_SECONDS):
+            time.sleep(pause)
+            with self.pool.admin() as session:
+                twins = len(self._find(session, {Attribute.LABEL: label})) > 1 or (
+                    len(self._find(session, {Attribute.ID: raw_id})) > 1
+                )
+            if twins:
+                break
         if twins:
             key.delete()
             raise KeyExists(
@@ -270,6 +280,10 @@ class Pkcs11HSM(HSM):
 
     def close(self) -> None:
         self.pool.close()
+
+
+#: how long after creating a key its label is checked again for a twin (seconds)
+TWIN_RECHECK_SECONDS = 0.02
 
 
 def allowed_mechanisms(spec: KeySpec, usage: frozenset[str]) -> set[Any]:
