@@ -1,7 +1,7 @@
 """hsmbridge: one API over keys that live inside an HSM.
 
 import hsmbridge
-from hsmbridge import RSA, EC
+from hsmbridge import RSA, EC, Ed25519
 
 hsm = hsmbridge.open("pkcs11:token=ci?module-path=/usr/lib/softhsm/libsofthsm2.so")
 key = hsm.generate_key(RSA(2048), label="payments-2026", usage={"sign", "decrypt"})
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .api import EC, HSM, RSA, Key, KeyInfo, KeySpec, parse_key_spec
+from .api import EC, HSM, RSA, Ed25519, Key, KeyInfo, KeySpec, parse_key_spec
 from .errors import (
     AmbiguousKey,
     AuthenticationError,
@@ -76,6 +76,7 @@ def open(uri: str | None = None, **options: Any) -> HSM:
 __all__ = [
     "EC",
     "HSM",
+    "Ed25519",
     "RSA",
     "AmbiguousKey",
     "AuthenticationError",

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .api import HSM, Key, KeyInfo, KeySpec, _window
 from .errors import HSMError, InvalidInput
-from .mechanisms import Mechanism, check_key_type, check_signature_format, parse_mechanism
+from .mechanisms import (
+    Mechanism,
+    check_key_type,
+    check_signature_format,
+    parse_mechanism,
+    signing_preparer,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
@@ -302,6 +308,7 @@ class AsyncKey:
         digest = None
         if op == "sign":
             fmt = check_signature_format(signature_format)
+            signing_preparer(mech, prehashed=prehashed)  # refuses what the sync API refuses
             if mech.hash_name is not None and not prehashed:
                 digest, prehashed = getattr(hashlib, mech.hash_name), True
             run = functools.partial(

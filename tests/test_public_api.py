@@ -17,6 +17,7 @@ EXPORTS: dict[str, list[str]] = {
     "hsmbridge": [
         "EC",
         "HSM",
+        "Ed25519",
         "RSA",
         "AmbiguousKey",
         "AuthenticationError",
