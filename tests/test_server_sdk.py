@@ -210,8 +210,8 @@ def test_ec_keys_sign_and_csr(
         pub.verify(der, digest, ec.ECDSA(utils.Prehashed(algo)))  # DER, as NetHSM returns
         with pytest.raises(nethsm.NetHSMError, match="does not allow mode PKCS1"):
             operator.sign(key_id, b64(digest), nethsm.SignMode.PKCS1)
-        with pytest.raises(nethsm.NetHSMError, match="not supported"):
-            admin.generate_key(nethsm.KeyType.CURVE25519, [M.EDDSA_SIGNATURE], 256)
+        with pytest.raises(nethsm.NetHSMError, match="do not fit a Curve25519 key"):
+            admin.generate_key(nethsm.KeyType.CURVE25519, [M.ECDSA_SIGNATURE], 256)
         pem = operator.key_csr(
             key_id,
             common_name="bridge.example",
