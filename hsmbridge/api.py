@@ -67,8 +67,28 @@ class RSA:
         return f"rsa:{self.bits}"
 
 
+class _OnCurve:
+    """What a key on a named curve knows of it: EC and Ed25519 specs share this."""
+
+    curve: str
+
+    @property
+    def curve_info(self) -> curves.Curve:
+        """Everything hsmbridge knows about this curve (OID, NetHSM type, JWK form, ...)."""
+        return curves.get(self.curve)
+
+    @property
+    def size(self) -> int:
+        return self.curve_info.bits
+
+    @property
+    def field_bytes(self) -> int:
+        """Bytes of one coordinate (and of each half of a raw ECDSA or EdDSA signature)."""
+        return self.curve_info.field_bytes
+
+
 @dataclass(frozen=True)
-class EC:
+class EC(_OnCurve):
     """An elliptic-curve key on a named curve (:data:`hsmbridge.curves.CURVES`)."""
 
     curve: str = "P-256"
@@ -84,43 +104,16 @@ class EC:
             )
         object.__setattr__(self, "curve", found.name)
 
-    @property
-    def curve_info(self) -> curves.Curve:
-        """Everything hsmbridge knows about this curve (OID, NetHSM type, ...)."""
-        return curves.get(self.curve)
-
-    @property
-    def size(self) -> int:
-        return self.curve_info.bits
-
-    @property
-    def field_bytes(self) -> int:
-        return self.curve_info.field_bytes
-
     def __str__(self) -> str:
         return f"ec:{self.curve.replace('-', '').lower()}"
 
 
 @dataclass(frozen=True)
-class Ed25519:
+class Ed25519(_OnCurve):
     """An Ed25519 key (pure EdDSA, RFC 8032): signs the message itself with ``ed25519``."""
 
+    curve: str = field(default="Ed25519", init=False, repr=False)
     key_type: ClassVar[str] = "ed25519"
-    curve: ClassVar[str] = "Ed25519"
-
-    @property
-    def curve_info(self) -> curves.Curve:
-        """Everything hsmbridge knows about the curve (OID, NetHSM type, JWK form)."""
-        return curves.get(self.curve)
-
-    @property
-    def size(self) -> int:
-        return self.curve_info.bits
-
-    @property
-    def field_bytes(self) -> int:
-        """Bytes of the public key, and of each half of a signature."""
-        return self.curve_info.field_bytes
 
     def __str__(self) -> str:
         return "ed25519"

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
@@ -149,3 +149,15 @@ class OpenSSL:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()
         return Path(out).read_bytes()
+
+
+def ed25519_verifies(
+    public: PublicKeyTypes, signature: bytes, message: bytes, directory: Path
+) -> bool:
+    """``cryptography`` and ``openssl pkeyutl -verify -rawin`` both accept an Ed25519 signature."""
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return crypto_verify(public, signature, message, Mechanism.ED25519) and OpenSSL(
+        pem, directory
+    ).verify(signature, message, Mechanism.ED25519)

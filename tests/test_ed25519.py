@@ -1,5 +1,5 @@
 """Ed25519 beyond the conformance suite: import, keys other tools made, both PKCS#11
-engines, the bridge server (NetHSM Curve25519 / EdDSA, CSR) and hsmbridge.aio.
+engines and hsmbridge.aio (the bridge server's Curve25519 keys: tests/test_server_sdk.py).
 
 Signatures are checked with ``cryptography`` and ``openssl pkeyutl -verify -rawin``
 (tests/oracles.py); the facts these rest on are docs/design.md, fact 19.
@@ -8,20 +8,14 @@ Signatures are checked with ``cryptography`` and ``openssl pkeyutl -verify -rawi
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import nethsm
 import pytest
 from asn1crypto import core as asn1_core
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import NameOID
-from oracles import OpenSSL
+from oracles import ed25519_verifies
 from pkcs11 import Attribute, KeyType
 from pkcs11 import Mechanism as CKM
 
@@ -31,25 +25,10 @@ from hsmbridge import Ed25519, InvalidInput, Mechanism
 from hsmbridge.api import parse_key_spec
 from hsmbridge.nethsm import vocabulary
 from hsmbridge.pkcs11 import Pkcs11HSM
-from hsmbridge.server.testing import BridgeServer
 from hsmbridge.testing import SoftToken
-
-pytest_plugins = ["server_fixtures"]
 
 ED25519 = Mechanism.ED25519
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-
-
-def verified(public: Any, signature: bytes, message: bytes, tmp_path: Path) -> bool:
-    """Both oracles agree the signature is good."""
-    pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    try:
-        public.verify(signature, message)
-    except Exception:
-        return False
-    return OpenSSL(pem, tmp_path).verify(signature, message, ED25519)
 
 
 def test_spec_mechanism_and_vocabulary() -> None:
@@ -83,8 +62,8 @@ def test_import_signs_as_the_original_key(
         message = b"imported ed25519 " + unique_label.encode()
         signature = key.sign(message, "ed25519")
         assert signature == original.sign(message)  # EdDSA is deterministic (RFC 8032)
-        assert verified(original.public_key(), signature, message, tmp_path)
-        assert not verified(original.public_key(), signature, message + b"!", tmp_path)
+        assert ed25519_verifies(original.public_key(), signature, message, tmp_path)
+        assert not ed25519_verifies(original.public_key(), signature, message + b"!", tmp_path)
         found = hsm.get_key(unique_label)
         assert found.spec == Ed25519() and found.info.to_dict()["type"] == "ed25519"
         assert [i.spec for i in hsm.list_keys() if i.label == unique_label] == [Ed25519()]
@@ -122,7 +101,7 @@ def test_key_made_by_another_tool_is_found_and_signs(
         public = key.public_key()
         assert isinstance(public, ed25519.Ed25519PublicKey)
         signature = key.sign(b"other tool", "ed25519")
-        assert verified(public, signature, b"other tool", tmp_path)
+        assert ed25519_verifies(public, signature, b"other tool", tmp_path)
     finally:
         key.delete()
 
@@ -170,71 +149,3 @@ def test_aio_signs_ed25519(pkcs11_hsm: hsmbridge.HSM, unique_label: str) -> None
             public.verify(sig, message)
     finally:
         key.delete()
-
-
-# -- hsmbridge serve: NetHSM's Curve25519 keys and EdDSA mode, with the official SDK ----------
-
-
-@pytest.fixture(scope="module")
-def admin(bridge_server: BridgeServer) -> Iterator[Any]:
-    client = bridge_server.sdk("admin")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def operator(bridge_server: BridgeServer) -> Iterator[Any]:
-    client = bridge_server.sdk("operator")
-    yield client
-    client.close()
-
-
-def test_server_generates_signs_and_makes_a_csr(admin: Any, operator: Any, tmp_path: Path) -> None:
-    M = nethsm.KeyMechanism
-    key_id = admin.generate_key(nethsm.KeyType.CURVE25519, [M.EDDSA_SIGNATURE], 256, "ed-bridge")
-    try:
-        key = operator.get_key(key_id)
-        assert key.type == nethsm.KeyType.CURVE25519
-        public = serialization.load_pem_public_key(operator.get_key_public_key(key_id).encode())
-        assert isinstance(public, ed25519.Ed25519PublicKey)
-        assert key.public_key.data.decode() == public.public_bytes(*RAW)
-        message = b"EdDSA mode signs the message itself"
-        signature = operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.EDDSA)
-        assert verified(public, signature.decode(), message, tmp_path)
-        with pytest.raises(nethsm.NetHSMError, match="does not allow mode ECDSA"):
-            operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.ECDSA)
-        pem = operator.key_csr(key_id, common_name="ed.example")
-        csr = x509.load_pem_x509_csr(pem.encode())
-        assert csr.is_signature_valid and csr.public_key() == public
-        assert csr.signature_algorithm_oid.dotted_string == "1.3.101.112"
-        assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "ed.example"
-        csr_file = tmp_path / "req.pem"
-        csr_file.write_text(pem)
-        done = subprocess.run(
-            ["openssl", "req", "-verify", "-noout", "-in", str(csr_file)],
-            capture_output=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-    finally:
-        admin.delete_key(key_id)
-
-
-def test_server_imports_an_ed25519_key(admin: Any, operator: Any) -> None:
-    original = ed25519.Ed25519PrivateKey.generate()
-    seed = original.private_bytes(RAW[0], serialization.PrivateFormat.Raw,
-                                  serialization.NoEncryption())  # fmt: skip
-    M = nethsm.KeyMechanism
-    key_id = "ed-import-" + uuid.uuid4().hex[:8]
-    admin.add_key(
-        key_id=key_id,
-        type=nethsm.KeyType.CURVE25519,
-        mechanisms=[M.EDDSA_SIGNATURE],
-        private_key=nethsm.GenericPrivateKey(data=nethsm.Base64.encode(seed)),
-    )
-    try:
-        message = b"imported through the bridge"
-        signature = operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.EDDSA)
-        assert signature.decode() == original.sign(message)
-    finally:
-        admin.delete_key(key_id)
