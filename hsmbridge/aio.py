@@ -40,13 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .api import HSM, Key, KeyInfo, KeySpec, _window
 from .errors import HSMError, InvalidInput
-from .mechanisms import (
-    Mechanism,
-    check_key_type,
-    check_signature_format,
-    parse_mechanism,
-    signing_preparer,
-)
+from .mechanisms import Mechanism
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
@@ -282,16 +276,23 @@ class AsyncKey:
             )
         return await self._submit(lane, data)
 
-    async def decrypt(self, ciphertext: bytes, mechanism: str | Mechanism) -> bytes:
+    async def decrypt(
+        self, ciphertext: bytes, mechanism: str | Mechanism, *, allow_pkcs1v15: bool = False
+    ) -> bytes:
         """Decrypt one ciphertext (see :meth:`hsmbridge.Key.decrypt`); calls share batches."""
-        options = ("decrypt", mechanism, False, "der")
+        options = ("decrypt", mechanism, allow_pkcs1v15, "der")
         lane, _ = self._lookup(options)
         return await self._submit(lane, ciphertext)
 
-    def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
-        mech = parse_mechanism(mechanism, sign=sign)
-        check_key_type(mech, self.key_type, self.label)
-        return mech
+    def _check_sign(self, mechanism: str | Mechanism, prehashed: bool, fmt: str) -> Mechanism:
+        """The sync API's own checks of these options (an empty batch: nothing is signed)."""
+        self.sync.sign_batch([], mechanism, prehashed=prehashed, signature_format=fmt)
+        return Mechanism(mechanism)
+
+    def _check_decrypt(self, mechanism: str | Mechanism, allow_pkcs1v15: bool) -> Mechanism:
+        """The sync API's own checks of these options (an empty batch: nothing is decrypted)."""
+        self.sync.decrypt_batch([], mechanism, allow_pkcs1v15=allow_pkcs1v15)
+        return Mechanism(mechanism)
 
     def _lookup(self, options: tuple[Any, ...]) -> _Route:
         try:
@@ -301,26 +302,31 @@ class AsyncKey:
 
     def _route(self, options: tuple[Any, ...]) -> _Route:
         """Check a call's options once; later calls with the same options skip the checks."""
-        op, mechanism, prehashed, signature_format = options
-        mech = self._check(mechanism, sign=op == "sign")
-        if not isinstance(prehashed, bool):
-            raise InvalidInput(f"prehashed must be True or False, not {prehashed!r}")
+        op, mechanism, flag, signature_format = options
+        if not isinstance(flag, bool):
+            name = "prehashed" if op == "sign" else "allow_pkcs1v15"
+            raise InvalidInput(f"{name} must be True or False, not {flag!r}")
         digest = None
         if op == "sign":
-            fmt = check_signature_format(signature_format)
-            signing_preparer(mech, prehashed=prehashed)  # refuses what the sync API refuses
-            if mech.hash_name is not None and not prehashed:
-                digest, prehashed = getattr(hashlib, mech.hash_name), True
+            mech = self._check_sign(mechanism, flag, signature_format)
+            if mech.hash_name is not None and not flag:
+                digest, flag = getattr(hashlib, mech.hash_name), True
             run = functools.partial(
                 self.sync.sign_batch,
                 mechanism=mech,
-                prehashed=prehashed,
-                signature_format=fmt,
+                prehashed=flag,
+                signature_format=signature_format,
                 return_exceptions=True,
             )
         else:
-            run = functools.partial(self.sync.decrypt_batch, mechanism=mech, return_exceptions=True)
-        key = (op, mech, prehashed, signature_format)
+            mech = self._check_decrypt(mechanism, flag)
+            run = functools.partial(
+                self.sync.decrypt_batch,
+                mechanism=mech,
+                allow_pkcs1v15=flag,
+                return_exceptions=True,
+            )
+        key = (op, mech, flag, signature_format)
         lane = self._lanes.get(key) or self._lanes.setdefault(key, _Lane(run))
         route = self._routes[options] = (lane, digest)
         return route
@@ -396,6 +402,7 @@ class AsyncKey:
         *,
         threads: int | None = None,
         return_exceptions: bool = False,
+        allow_pkcs1v15: bool = False,
     ) -> list[Any]:
         """:meth:`hsmbridge.Key.decrypt_batch` in the pool: same results and errors."""
         return await self._hsm._call(
@@ -404,6 +411,7 @@ class AsyncKey:
             mechanism,
             threads=threads,
             return_exceptions=return_exceptions,
+            allow_pkcs1v15=allow_pkcs1v15,
         )
 
     def sign_many(
@@ -422,8 +430,7 @@ class AsyncKey:
 
         Close it early with ``contextlib.aclosing`` so the batch ahead stops at once.
         """
-        self._check(mechanism, sign=True)
-        check_signature_format(signature_format)
+        self._check_sign(mechanism, prehashed, signature_format)
         run = functools.partial(
             self.sign_batch,
             mechanism=mechanism,
@@ -442,14 +449,16 @@ class AsyncKey:
         threads: int | None = None,
         window: int | None = None,
         return_exceptions: bool = False,
+        allow_pkcs1v15: bool = False,
     ) -> AsyncIterator[Any]:
         """Stream plaintexts in order (see :meth:`sign_many`)."""
-        self._check(mechanism, sign=False)
+        self._check_decrypt(mechanism, allow_pkcs1v15)
         run = functools.partial(
             self.decrypt_batch,
             mechanism=mechanism,
             threads=threads,
             return_exceptions=return_exceptions,
+            allow_pkcs1v15=allow_pkcs1v15,
         )
         return _stream(ciphertexts, run, _window(window, threads))
 

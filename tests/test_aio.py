@@ -114,6 +114,13 @@ def test_rsa_sign_decrypt_batches_and_streams(pkcs11_hsm: hsmbridge.HSM, rsa_lab
         single = await asyncio.gather(*(key.decrypt(c, "rsa-oaep-sha1") for c in cts))
         batch = await key.decrypt_batch(cts, "rsa-oaep-sha1")
         streamed = [p async for p in key.decrypt_many(cts, "rsa-oaep-sha1", window=7)]
+        pkcs1 = [public.encrypt(p, padding.PKCS1v15()) for p in plaintexts[:5]]  # type: ignore[union-attr]
+        with pytest.raises(hsmbridge.InvalidInput, match="allow_pkcs1v15"):
+            await key.decrypt(pkcs1[0], "rsa-pkcs1")
+        opted_in = await asyncio.gather(
+            *(key.decrypt(c, "rsa-pkcs1", allow_pkcs1v15=True) for c in pkcs1)
+        )
+        assert list(opted_in) == plaintexts[:5]
         sigs = await key.sign_batch(plaintexts, "rsa-pss-sha256")
         async_src = [s async for s in key.sign_many(source(), "rsa-pkcs1-sha256", window=9)]
         return {"single": single, "batch": batch, "streamed": streamed, "sigs": sigs,
