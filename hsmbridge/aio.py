@@ -21,6 +21,8 @@ the loop responsive under load:
   :data:`WAKE_SLICE` at a time, one loop iteration each, so a timer or a
   socket that became ready meanwhile is served between slices.
 
+A handle and its keys belong to the event loop that first awaits them.
+
 A waiting task that is cancelled gives up only its result: an item not yet
 dispatched is dropped, and a dispatched batch runs to its end in the pool,
 where the synchronous engine returns every session it took (sessions are
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import copy
 import functools
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
@@ -363,13 +366,12 @@ class AsyncKey:
             self._dispatch(lane)
         else:
             lane.running -= 1
-        results: list[Any]
-        if task.cancelled():
-            results = [asyncio.CancelledError()] * len(items)
-        elif task.exception() is not None:  # the whole batch failed (usage, no session)
-            results = [task.exception()] * len(items)
-        else:
-            results = task.result()
+        if task.cancelled():  # the loop is shutting down
+            for item in items:
+                item.future.cancel()
+            return
+        failure = task.exception()  # the whole batch failed (usage, no session)?
+        results = task.result() if failure is None else [copy.copy(failure) for _ in items]
         _wake(asyncio.get_running_loop(), items, results, 0)
 
     # -- batches and streams ---------------------------------------------------------------
