@@ -240,6 +240,7 @@ def child_eddsa(module: str, label: str) -> dict[str, Any]:
             "ec_point_bytes": len(point),
             "ec_point_is_der_octet_string": point[:2] == bytes((0x04, len(point) - 2)),
             "stored_ec_params_hex": bytes(pub[Attribute.EC_PARAMS]).hex(),
+            "private_key_ec_params_hex": bytes(priv[Attribute.EC_PARAMS]).hex(),
         }
         try:
             signature = priv.sign(message, mechanism=Mechanism.EDDSA)
