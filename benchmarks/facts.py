@@ -206,6 +206,71 @@ def child_make_keys(module: str, label: str) -> dict[str, Any]:
     return {}
 
 
+def child_eddsa(module: str, label: str) -> dict[str, Any]:
+    """Fact 19: what SoftHSM2 offers for Ed25519 (CKM_EC_EDWARDS_KEY_PAIR_GEN, CKM_EDDSA)."""
+    from asn1crypto import core as asn1_core
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    token, login = _login(module, label, os_locking=True)
+    listed = {int(m) for m in token.slot.get_mechanisms()}
+    out: dict[str, Any] = {
+        "lists_CKM_EC_EDWARDS_KEY_PAIR_GEN_0x1055": 0x1055 in listed,
+        "lists_CKM_EDDSA_0x1057": 0x1057 in listed,
+    }
+    params = {
+        "oid_1.3.101.112": asn1_core.ObjectIdentifier("1.3.101.112").dump(),
+        "printable_edwards25519": asn1_core.PrintableString("edwards25519").dump(),
+        "oid_1.3.101.113_ed448": asn1_core.ObjectIdentifier("1.3.101.113").dump(),
+    }
+    message = b"fact 19: the message itself is signed, no prehash"
+    for name, ec_params in params.items():
+        try:
+            pub, priv = login.generate_keypair(
+                KeyType.EC_EDWARDS,
+                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                store=False,
+                public_template={Attribute.EC_PARAMS: ec_params},
+            )
+        except Exception as exc:
+            out[f"generate_{name}"] = type(exc).__name__
+            continue
+        point = pub[Attribute.EC_POINT]
+        result: dict[str, Any] = {
+            "ec_point_bytes": len(point),
+            "ec_point_is_der_octet_string": point[:2] == bytes((0x04, len(point) - 2)),
+            "stored_ec_params_hex": bytes(pub[Attribute.EC_PARAMS]).hex(),
+            "private_key_ec_params_hex": bytes(priv[Attribute.EC_PARAMS]).hex(),
+        }
+        try:
+            signature = priv.sign(message, mechanism=Mechanism.EDDSA)
+            result["signature_bytes"] = len(signature)
+            raw = asn1_core.OctetString.load(point).native if len(point) != 32 else point
+            if len(raw) == 32:
+                ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
+                result["verified_by_cryptography_as_pure_ed25519"] = True
+        except Exception as exc:
+            result["sign"] = type(exc).__name__
+        out[f"generate_{name}"] = result
+    # import: CKA_VALUE is the 32-byte seed (RFC 8032 private key)
+    secret = ed25519.Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives import serialization as ser
+
+    seed = secret.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    try:
+        imported = login.create_object({
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+            Attribute.TOKEN: False, Attribute.SIGN: True, Attribute.SENSITIVE: True,
+            Attribute.EC_PARAMS: params["printable_edwards25519"], Attribute.VALUE: seed,
+        })  # fmt: skip
+        signature = imported.sign(message, mechanism=Mechanism.EDDSA)
+        secret.public_key().verify(signature, message)
+        out["import_seed_as_CKA_VALUE"] = "signs, verified by cryptography"
+    except Exception as exc:
+        out["import_seed_as_CKA_VALUE"] = type(exc).__name__
+    return out
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
     "threads": child_threads,
     "login": child_login,
@@ -213,6 +278,7 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
     "mechanisms": child_mechanisms,
     "keygen": child_keygen,
     "make_keys": child_make_keys,
+    "eddsa": child_eddsa,
 }
 
 
@@ -318,6 +384,10 @@ def fact_14(token: Token) -> dict[str, Any]:
     return dict(token.run("keygen")[1])
 
 
+def fact_19(token: Token) -> dict[str, Any]:
+    return dict(token.run("eddsa")[1])
+
+
 FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "1": fact_1,
     "2": fact_2,
@@ -327,6 +397,7 @@ FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "7": fact_6_7,
     "12": fact_12,
     "14": fact_14,
+    "19": fact_19,
 }
 
 

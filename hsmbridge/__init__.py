@@ -1,7 +1,7 @@
 """hsmbridge: one API over keys that live inside an HSM.
 
 import hsmbridge
-from hsmbridge import RSA, EC
+from hsmbridge import RSA, EC, Ed25519
 
 hsm = hsmbridge.open("pkcs11:token=ci?module-path=/usr/lib/softhsm/libsofthsm2.so")
 key = hsm.generate_key(RSA(2048), label="payments-2026", usage={"sign", "decrypt"})
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .api import EC, HSM, RSA, Key, KeyInfo, KeySpec, parse_key_spec
+from .api import EC, HSM, RSA, Ed25519, Key, KeyInfo, KeySpec, parse_key_spec
 from .errors import (
     AmbiguousKey,
     AuthenticationError,
@@ -82,6 +82,7 @@ __all__ = [
     "BatchItemError",
     "ConfigurationError",
     "DecryptionFailed",
+    "Ed25519",
     "HSMError",
     "HSMUnavailable",
     "InvalidInput",

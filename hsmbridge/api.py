@@ -67,8 +67,28 @@ class RSA:
         return f"rsa:{self.bits}"
 
 
+class _OnCurve:
+    """What a key on a named curve knows of it: EC and Ed25519 specs share this."""
+
+    curve: str
+
+    @property
+    def curve_info(self) -> curves.Curve:
+        """Everything hsmbridge knows about this curve (OID, NetHSM type, JWK form, ...)."""
+        return curves.get(self.curve)
+
+    @property
+    def size(self) -> int:
+        return self.curve_info.bits
+
+    @property
+    def field_bytes(self) -> int:
+        """Bytes of one coordinate (and of each half of a raw ECDSA or EdDSA signature)."""
+        return self.curve_info.field_bytes
+
+
 @dataclass(frozen=True)
-class EC:
+class EC(_OnCurve):
     """An elliptic-curve key on a named curve (:data:`hsmbridge.curves.CURVES`)."""
 
     curve: str = "P-256"
@@ -78,30 +98,39 @@ class EC:
         found = curves.by_name(self.curve)
         if found is None:
             raise InvalidInput(f"unknown curve {self.curve!r}; use EC(curve) with {curves.NAMES}")
+        if found.kind != "weierstrass":
+            raise InvalidInput(
+                f"{found.name} is an Edwards curve for EdDSA, not ECDSA; use {found.name}()"
+            )
         object.__setattr__(self, "curve", found.name)
-
-    @property
-    def curve_info(self) -> curves.Curve:
-        """Everything hsmbridge knows about this curve (OID, NetHSM type, ...)."""
-        return curves.get(self.curve)
-
-    @property
-    def size(self) -> int:
-        return self.curve_info.bits
-
-    @property
-    def field_bytes(self) -> int:
-        return self.curve_info.field_bytes
 
     def __str__(self) -> str:
         return f"ec:{self.curve.replace('-', '').lower()}"
 
 
-KeySpec = RSA | EC
+@dataclass(frozen=True)
+class Ed25519(_OnCurve):
+    """An Ed25519 key (pure EdDSA, RFC 8032): signs the message itself with ``ed25519``."""
+
+    curve: str = field(default="Ed25519", init=False, repr=False)
+    key_type: ClassVar[str] = "ed25519"
+
+    def __str__(self) -> str:
+        return "ed25519"
+
+
+KeySpec = RSA | EC | Ed25519
+#: the spec classes of :data:`KeySpec`, for isinstance checks
+SPEC_CLASSES = (RSA, EC, Ed25519)
+
+
+def curve_spec(curve: curves.Curve) -> EC | Ed25519:
+    """The spec of a key on ``curve``: ``EC(name)`` or, for Edwards curves, its own class."""
+    return Ed25519() if curve.kind == "edwards" else EC(curve.name)
 
 
 def parse_key_spec(text: str) -> KeySpec:
-    """``rsa:2048`` / ``ec:p256`` (the command line's form) to a spec."""
+    """``rsa:2048`` / ``ec:p256`` / ``ed25519`` (the command line's form) to a spec."""
     kind, _, arg = text.strip().lower().partition(":")
     if kind == "rsa":
         try:
@@ -110,8 +139,12 @@ def parse_key_spec(text: str) -> KeySpec:
             pass
     elif kind == "ec":
         return EC(arg or "P-256")
-    ec_names = ", ".join("ec:" + c.name.replace("-", "").lower() for c in curves.CURVES)
-    raise InvalidInput(f"unknown key type {text!r}; use rsa:2048, rsa:3072, rsa:4096, {ec_names}")
+    elif kind == "ed25519" and not arg:
+        return Ed25519()
+    ec_names = ", ".join("ec:" + c.name.replace("-", "").lower() for c in curves.WEIERSTRASS)
+    raise InvalidInput(
+        f"unknown key type {text!r}; use rsa:2048, rsa:3072, rsa:4096, {ec_names} or ed25519"
+    )
 
 
 def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozenset[str]:
@@ -133,15 +166,17 @@ def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozens
         raise InvalidInput(
             f"usage must be a non-empty subset of {{'sign', 'decrypt'}}, got {sorted(items)!r}"
         )
-    if spec.key_type == "ec" and "decrypt" in items:
-        raise InvalidInput("EC keys cannot decrypt; use an RSA key for usage 'decrypt'")
+    if spec.key_type != "rsa" and "decrypt" in items:
+        raise InvalidInput(
+            f"{spec.key_type.upper()} keys cannot decrypt; use an RSA key for usage 'decrypt'"
+        )
     return frozenset(items)
 
 
 def check_new_key(spec: KeySpec, label: str, usage: Iterable[str] | str | None) -> frozenset[str]:
     """What every backend checks before generating: spec, label, usage (returned)."""
-    if not isinstance(spec, (RSA, EC)):
-        raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+    if not isinstance(spec, SPEC_CLASSES):
+        raise InvalidInput(f"spec must be RSA(bits), EC(curve) or Ed25519(), not {spec!r}")
     if not label or not isinstance(label, str):
         raise InvalidInput("a key needs a non-empty label")
     check_label_length(label)
@@ -198,7 +233,7 @@ class KeyInfo:
 
     @property
     def curve(self) -> str | None:
-        return self.spec.curve if isinstance(self.spec, EC) else None
+        return None if isinstance(self.spec, RSA) else self.spec.curve
 
     def to_dict(self) -> dict[str, Any]:
         return {

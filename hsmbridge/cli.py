@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="generate a key pair inside the HSM")
     p.add_argument(
-        "--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|ec:p384|ec:p521"
+        "--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|ec:p384|ec:p521|ed25519"
     )
     p.add_argument("--label", required=True)
     p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")

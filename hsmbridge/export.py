@@ -43,7 +43,7 @@ def _load_spki(der: bytes) -> asn1_keys.PublicKeyInfo:
 
 
 def jwk(der: bytes) -> dict[str, str]:
-    """JWK for an RSA or EC SPKI, with ``kid`` = RFC 7638 thumbprint."""
+    """JWK for an RSA, EC or Ed25519 (RFC 8037 ``OKP``) SPKI, ``kid`` = RFC 7638 thumbprint."""
     info = _load_spki(der)
     algo = info.algorithm
     if algo == "rsa":
@@ -59,20 +59,36 @@ def jwk(der: bytes) -> dict[str, str]:
             raise InvalidInput(f"curve {info.curve[1]} has no JWK name; use {curves.NAMES}")
         x, y = info["public_key"].to_coords()
         members = {
-            "kty": "EC",
+            "kty": curve.jwk_kty,
             "crv": curve.name,
             "x": _b64url(int_to_bytes(x, curve.field_bytes)),
             "y": _b64url(int_to_bytes(y, curve.field_bytes)),
         }
+    elif (curve := curves.by_oid_name(algo)) is not None:  # RFC 8037: the key is the point
+        members = {
+            "kty": curve.jwk_kty,
+            "crv": curve.name,
+            "x": _b64url(bytes(info["public_key"])),
+        }
     else:
-        raise InvalidInput(f"{algo} keys have no JWK form here; only RSA and EC are supported")
+        raise InvalidInput(
+            f"{algo} keys have no JWK form here; only RSA, EC and Ed25519 are supported"
+        )
     members["kid"] = jwk_thumbprint(members)
     return members
 
 
+#: the members an RFC 7638 thumbprint covers, by ``kty`` (RFC 7638 section 3.2; RFC 8037 A.3)
+_THUMBPRINT_MEMBERS = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+}
+
+
 def jwk_thumbprint(members: dict[str, str]) -> str:
     """RFC 7638: SHA-256 over the required members, sorted, no whitespace."""
-    required = ("e", "kty", "n") if members["kty"] == "RSA" else ("crv", "kty", "x", "y")
+    required = _THUMBPRINT_MEMBERS[members["kty"]]
     canonical = json.dumps({k: members[k] for k in required}, separators=(",", ":"), sort_keys=True)
     return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 

@@ -55,6 +55,7 @@ JWS_ALGS: dict[str, str] = {
     "ES256": "ecdsa-sha256",
     "ES384": "ecdsa-sha384",
     "ES512": "ecdsa-sha512",
+    "EdDSA": "ed25519",  # RFC 8037, section 3.1: an Ed25519 key signs the input itself
 }
 #: ES* algorithms name their curve (RFC 7518, section 3.4)
 _ES_CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}

@@ -2,7 +2,8 @@
 
 Every backend receives the same prepared input: the message hashed on the
 client (or taken as a digest when ``prehashed``), with the PKCS#1 v1.5
-DigestInfo prefix for ``rsa-pkcs1-*``. That is exactly what NetHSM's sign
+DigestInfo prefix for ``rsa-pkcs1-*``; for ``ed25519`` (pure EdDSA, which
+hashes inside the signature) the message itself. That is exactly what NetHSM's sign
 modes take, and what PKCS#11's raw ``CKM_RSA_PKCS``/``CKM_RSA_PKCS_PSS``/
 ``CKM_ECDSA`` take, so hashing lives in one place.
 """
@@ -39,6 +40,7 @@ class Mechanism(enum.StrEnum):
     ECDSA_SHA256 = "ecdsa-sha256"
     ECDSA_SHA384 = "ecdsa-sha384"
     ECDSA_SHA512 = "ecdsa-sha512"
+    ED25519 = "ed25519"
     RSA_OAEP_SHA1 = "rsa-oaep-sha1"
     RSA_OAEP_SHA256 = "rsa-oaep-sha256"
     RSA_OAEP_SHA384 = "rsa-oaep-sha384"
@@ -50,15 +52,20 @@ class Mechanism(enum.StrEnum):
 
     @property
     def family(self) -> str:
-        """``pkcs1``, ``pss``, ``ecdsa``, ``oaep`` or ``pkcs1-decrypt``."""
+        """``pkcs1``, ``pss``, ``ecdsa``, ``eddsa``, ``oaep`` or ``pkcs1-decrypt``."""
         if self is Mechanism.RSA_PKCS1:
             return "pkcs1-decrypt"
+        if self is Mechanism.ED25519:
+            return "eddsa"
         return self.value.split("-")[1] if self.value.startswith("rsa-") else "ecdsa"
 
     @property
     def hash_name(self) -> str | None:
-        """hashlib name of the mechanism's hash, or None for raw PKCS#1 decryption."""
-        return None if self is Mechanism.RSA_PKCS1 else self.value.rsplit("-", 1)[1]
+        """hashlib name of the hash the client applies; None for raw PKCS#1 decryption
+        and for EdDSA (whose input is the message itself)."""
+        if self is Mechanism.RSA_PKCS1 or self is Mechanism.ED25519:
+            return None
+        return self.value.rsplit("-", 1)[1]
 
     @property
     def digest_size(self) -> int:
@@ -67,12 +74,16 @@ class Mechanism(enum.StrEnum):
 
     @property
     def is_sign(self) -> bool:
-        return self.family in ("pkcs1", "pss", "ecdsa")
+        return self.family in ("pkcs1", "pss", "ecdsa", "eddsa")
 
     @property
     def key_type(self) -> str:
-        """``rsa`` or ``ec``: the key type this mechanism needs."""
-        return "ec" if self.family == "ecdsa" else "rsa"
+        """``rsa``, ``ec`` or ``ed25519``: the key type this mechanism needs."""
+        return _KEY_TYPES.get(self.family, "rsa")
+
+
+#: mechanism family -> key type, for the families that are not RSA's
+_KEY_TYPES = {"ecdsa": "ec", "eddsa": "ed25519"}
 
 
 SIGN_MECHANISMS = tuple(m for m in Mechanism if m.is_sign)
@@ -116,6 +127,8 @@ def signing_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], b
     Everything that depends only on the mechanism is decided once here, not
     per message: batches call the returned function for every item.
     """
+    if mech.family == "eddsa":
+        return _eddsa_preparer(mech, prehashed=prehashed)
     hash_name = mech.hash_name
     assert hash_name is not None
     size = mech.digest_size
@@ -144,6 +157,24 @@ def signing_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], b
             check(data)
             data = bytes(data)  # hashlib refuses non-contiguous buffers
         return prefix + hasher(data).digest()  # type: ignore[no-any-return]
+
+    return prepare_message
+
+
+def _eddsa_preparer(mech: Mechanism, *, prehashed: bool) -> Callable[[bytes], bytes]:
+    """Pure EdDSA signs the message itself: there is no digest to give."""
+    if prehashed:
+        raise InvalidInput(
+            f"{mech.value} is pure EdDSA (RFC 8032): it signs the message itself and takes "
+            "no digest; pass the message with prehashed=False"
+        )
+
+    def prepare_message(data: bytes) -> bytes:
+        if type(data) is bytes:
+            return data
+        if not isinstance(data, (bytearray, memoryview)):
+            raise InvalidInput(f"data to sign must be bytes, not {type(data).__name__}")
+        return bytes(data)
 
     return prepare_message
 

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from hsmbridge import Mechanism
@@ -47,6 +47,13 @@ def crypto_verify(
     raw: bool = False,
 ) -> bool:
     """True if ``cryptography`` accepts the signature."""
+    if mech.family == "eddsa":  # pure EdDSA: the message itself, no hash to choose
+        assert isinstance(public, ed25519.Ed25519PublicKey) and not prehashed
+        try:
+            public.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
     algo = hash_of(mech)
     chosen: hashes.HashAlgorithm | utils.Prehashed = utils.Prehashed(algo) if prehashed else algo
     try:
@@ -97,12 +104,16 @@ class OpenSSL:
     def verify(
         self, signature: bytes, data: bytes, mech: Mechanism, *, prehashed: bool = False
     ) -> bool:
-        """``openssl dgst -verify`` (message) or ``pkeyutl -verify`` (digest)."""
-        assert mech.hash_name is not None
+        """``openssl dgst -verify`` (message), ``pkeyutl -verify`` (digest), or
+        ``pkeyutl -verify -rawin`` (EdDSA: the message itself)."""
         sig = self._write("sig.bin", signature)
         inp = self._write("data.bin", data)
         pss = mech.family == "pss"
-        if prehashed:
+        if mech.family == "eddsa":
+            args = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", self.pem, "-rawin"]
+            args += ["-in", inp, "-sigfile", sig]
+            prehashed = True  # pkeyutl's answer
+        elif prehashed:
             opts = ["-pkeyopt", f"digest:{mech.hash_name}"]
             if pss:
                 opts += ["-pkeyopt", "rsa_padding_mode:pss", "-pkeyopt", "rsa_pss_saltlen:digest"]
@@ -112,6 +123,7 @@ class OpenSSL:
             opts = []
             if pss:
                 opts = ["-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:digest"]
+            assert mech.hash_name is not None
             args = ["openssl", "dgst", f"-{mech.hash_name}", "-verify", self.pem]
             args += [*opts, "-signature", sig, inp]
         done = _run(args)
@@ -137,3 +149,15 @@ class OpenSSL:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()
         return Path(out).read_bytes()
+
+
+def ed25519_verifies(
+    public: PublicKeyTypes, signature: bytes, message: bytes, directory: Path
+) -> bool:
+    """``cryptography`` and ``openssl pkeyutl -verify -rawin`` both accept an Ed25519 signature."""
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return crypto_verify(public, signature, message, Mechanism.ED25519) and OpenSSL(
+        pem, directory
+    ).verify(signature, message, Mechanism.ED25519)

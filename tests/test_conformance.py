@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from oracles import OpenSSL, crypto_encrypt, crypto_verify, raw_to_der
 
@@ -31,6 +31,7 @@ from hsmbridge import (
     RSA,
     BatchItemError,
     DecryptionFailed,
+    Ed25519,
     InvalidInput,
     Key,
     KeyExists,
@@ -49,6 +50,7 @@ SPECS: dict[str, KeySpec] = {
     "p256": EC("P-256"),
     "p384": EC("P-384"),
     "p521": EC("P-521"),
+    "ed25519": Ed25519(),
 }
 RSA_KEYS = [name for name, spec in SPECS.items() if isinstance(spec, RSA)]
 EC_KEYS = [name for name, spec in SPECS.items() if isinstance(spec, EC)]
@@ -145,6 +147,10 @@ def test_signature_verifies_with_cryptography_and_openssl(
 ) -> None:
     key = keyring.get(name)
     message = message_for(name, mech)
+    if prehashed and mech.family == "eddsa":  # pure EdDSA signs the message, never a digest
+        with pytest.raises(InvalidInput, match="no digest"):
+            key.sign(hashlib.sha512(message).digest(), mech.value, prehashed=True)
+        return
     data = digest(mech, message) if prehashed else message
     signature = key.sign(data, mech.value, prehashed=prehashed)
     public = pem_public(key)
@@ -394,6 +400,8 @@ def test_pem_is_64_columns_and_parses(keyring: Keyring, name: str, tmp_path: Pat
     spec = SPECS[name]
     if isinstance(spec, RSA):
         assert isinstance(public, rsa.RSAPublicKey) and public.key_size == spec.bits
+    elif isinstance(spec, Ed25519):
+        assert isinstance(public, ed25519.Ed25519PublicKey)
     else:
         assert isinstance(public, ec.EllipticCurvePublicKey)
         assert isinstance(public.curve, _CURVES[spec.curve])
@@ -403,6 +411,8 @@ def independent_thumbprint(jwk: dict[str, str]) -> str:
     """RFC 7638 section 3, written out by hand: required members, lexicographic order."""
     if jwk["kty"] == "RSA":
         text = f'{{"e":"{jwk["e"]}","kty":"RSA","n":"{jwk["n"]}"}}'
+    elif jwk["kty"] == "OKP":  # RFC 8037 appendix A.3
+        text = f'{{"crv":"{jwk["crv"]}","kty":"OKP","x":"{jwk["x"]}"}}'
     else:
         text = f'{{"crv":"{jwk["crv"]}","kty":"EC","x":"{jwk["x"]}","y":"{jwk["y"]}"}}'
     return b64url(hashlib.sha256(text.encode("ascii")).digest())
@@ -421,12 +431,22 @@ def test_rfc7638_example_thumbprint() -> None:
     assert independent_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
-@pytest.mark.parametrize("name", ["rsa2048", "rsa4096", "p256", "p521"])
+def test_rfc8037_example_thumbprint() -> None:
+    """The Ed25519 JWK thumbprint of RFC 8037 appendix A.3."""
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
+    assert jwk_thumbprint(jwk) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    assert independent_thumbprint(jwk) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+
+
+@pytest.mark.parametrize("name", ["rsa2048", "rsa4096", "p256", "p521", "ed25519"])
 def test_jwk_members_and_kid(keyring: Keyring, name: str) -> None:
     key = keyring.get(name)
     jwk = key.public_key_jwk()
     public = pem_public(key)
-    if isinstance(public, rsa.RSAPublicKey):
+    if isinstance(public, ed25519.Ed25519PublicKey):  # RFC 8037: OKP, x is the key itself
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert jwk == {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": jwk["kid"]}
+    elif isinstance(public, rsa.RSAPublicKey):
         numbers = public.public_numbers()
         assert set(jwk) == {"kty", "n", "e", "kid"}
         assert jwk["kty"] == "RSA"

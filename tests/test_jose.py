@@ -17,7 +17,17 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 from jwcrypto import jwt as jw_jwt
 
-from hsmbridge import EC, HSM, RSA, DecryptionFailed, InvalidInput, Key, MechanismNotSupported, jose
+from hsmbridge import (
+    EC,
+    HSM,
+    RSA,
+    DecryptionFailed,
+    Ed25519,
+    InvalidInput,
+    Key,
+    MechanismNotSupported,
+    jose,
+)
 
 PLAINTEXT = b'{"cardNumber":"4111111111111111","securityCode":"123"}'
 
@@ -165,9 +175,18 @@ def ec_keys(hsm: HSM) -> Iterator[dict[str, Key]]:
         key.delete()
 
 
+@pytest.fixture(scope="module")
+def ed_key(hsm: HSM) -> Iterator[Key]:
+    key = hsm.generate_key(Ed25519(), f"jose-ed-{uuid.uuid4().hex[:8]}")
+    yield key
+    key.delete()
+
+
 @pytest.mark.parametrize("alg", list(jose.JWS_ALGS))
-def test_jwcrypto_verifies_jws_and_jwt(rsa_key: Key, ec_keys: dict[str, Key], alg: str) -> None:
-    key = ec_keys.get(alg, rsa_key)
+def test_jwcrypto_verifies_jws_and_jwt(
+    rsa_key: Key, ec_keys: dict[str, Key], ed_key: Key, alg: str
+) -> None:
+    key = ed_key if alg == "EdDSA" else ec_keys.get(alg, rsa_key)
     token = jose.sign_jws(key, b"payload \x00\xff", alg)
     verified = jw_jws.JWS()
     verified.deserialize(token)

@@ -16,6 +16,7 @@ from hsmbridge import (
     AuthenticationError,
     ConfigurationError,
     DecryptionFailed,
+    Ed25519,
     HSMError,
     HSMUnavailable,
     InvalidInput,
@@ -129,7 +130,7 @@ def test_spec_and_public_key_from_key_data() -> None:
     assert keys.public_key_der(EC("P-384"), {"data": keys.b64encode(point)}) == ec_key.public_bytes(
         serialization.Encoding.DER, spki
     )
-    assert keys.spec_of({"type": "Curve25519"}) is None
+    assert keys.spec_of({"type": "Curve25519"}) == Ed25519()
     assert keys.spec_of({"type": "Generic"}) is None
     with pytest.raises(HSMError, match="malformed base64"):
         keys.b64decode("no*base64", "x")

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nethsm
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.x509.oid import NameOID
+from oracles import ed25519_verifies
 
 from hsmbridge.mechanisms import DIGEST_INFO_PREFIX
 from hsmbridge.server.testing import TIMEOUT, BridgeServer
@@ -210,8 +213,8 @@ def test_ec_keys_sign_and_csr(
         pub.verify(der, digest, ec.ECDSA(utils.Prehashed(algo)))  # DER, as NetHSM returns
         with pytest.raises(nethsm.NetHSMError, match="does not allow mode PKCS1"):
             operator.sign(key_id, b64(digest), nethsm.SignMode.PKCS1)
-        with pytest.raises(nethsm.NetHSMError, match="not supported"):
-            admin.generate_key(nethsm.KeyType.CURVE25519, [M.EDDSA_SIGNATURE], 256)
+        with pytest.raises(nethsm.NetHSMError, match="do not fit a Curve25519 key"):
+            admin.generate_key(nethsm.KeyType.CURVE25519, [M.ECDSA_SIGNATURE], 256)
         pem = operator.key_csr(
             key_id,
             common_name="bridge.example",
@@ -410,3 +413,57 @@ def test_users(bridge_server: BridgeServer, admin: Any) -> None:
         admin.delete_user(user_id)
     with pytest.raises(nethsm.NetHSMError, match="not found"):
         admin.get_user(user_id)
+
+
+RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def test_ed25519_keys_sign_and_csr(admin: Any, operator: Any, tmp_path: Path) -> None:
+    M = nethsm.KeyMechanism
+    key_id = admin.generate_key(nethsm.KeyType.CURVE25519, [M.EDDSA_SIGNATURE], 256, "ed-bridge")
+    try:
+        key = operator.get_key(key_id)
+        assert key.type == nethsm.KeyType.CURVE25519
+        public = serialization.load_pem_public_key(operator.get_key_public_key(key_id).encode())
+        assert isinstance(public, ed25519.Ed25519PublicKey)
+        assert key.public_key.data.decode() == public.public_bytes(*RAW)
+        message = b"EdDSA mode signs the message itself"
+        signature = operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.EDDSA)
+        assert ed25519_verifies(public, signature.decode(), message, tmp_path)
+        with pytest.raises(nethsm.NetHSMError, match="does not allow mode ECDSA"):
+            operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.ECDSA)
+        pem = operator.key_csr(key_id, common_name="ed.example")
+        csr = x509.load_pem_x509_csr(pem.encode())
+        assert csr.is_signature_valid and csr.public_key() == public
+        assert csr.signature_algorithm_oid.dotted_string == "1.3.101.112"
+        assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "ed.example"
+        csr_file = tmp_path / "req.pem"
+        csr_file.write_text(pem)
+        done = subprocess.run(
+            ["openssl", "req", "-verify", "-noout", "-in", str(csr_file)],
+            capture_output=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        admin.delete_key(key_id)
+
+
+def test_ed25519_import(admin: Any, operator: Any) -> None:
+    original = ed25519.Ed25519PrivateKey.generate()
+    seed = original.private_bytes(RAW[0], serialization.PrivateFormat.Raw,
+                                  serialization.NoEncryption())  # fmt: skip
+    M = nethsm.KeyMechanism
+    key_id = "ed-import-" + uuid.uuid4().hex[:8]
+    admin.add_key(
+        key_id=key_id,
+        type=nethsm.KeyType.CURVE25519,
+        mechanisms=[M.EDDSA_SIGNATURE],
+        private_key=nethsm.GenericPrivateKey(data=nethsm.Base64.encode(seed)),
+    )
+    try:
+        message = b"imported through the bridge"
+        signature = operator.sign(key_id, nethsm.Base64.encode(message), nethsm.SignMode.EDDSA)
+        assert signature.decode() == original.sign(message)
+    finally:
+        admin.delete_key(key_id)

@@ -199,7 +199,8 @@ class NetHSM(HSM):
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
     ) -> NetHSMKey:
-        """Import an RSA or EC (P-256/384/521) ``cryptography`` private key; needs an Administrator.
+        """Import an RSA, EC (P-256/384/521) or Ed25519 ``cryptography`` private key; needs an
+        Administrator.
 
         The key is then as good as generated inside (non-extractable), but
         its material existed outside: prefer :meth:`generate_key`.
@@ -368,7 +369,8 @@ class NetHSM(HSM):
         if info is None:
             raise KeyNotFound(
                 f"the key with {wanted} on {self.description} is a {data.get('type')} key, "
-                "which hsmbridge does not use; it handles RSA and EC P-256/P-384/P-521 keys"
+                "which hsmbridge does not use; it handles RSA, EC P-256/P-384/P-521 and "
+                "Ed25519 keys"
             )
         return NetHSMKey(self, info, tuple(str(m) for m in data.get("mechanisms", ())))
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import curves
-from ..api import EC, RSA, KeySpec
+from ..api import EC, RSA, Ed25519, KeySpec, curve_spec
 from ..errors import HSMError, InvalidInput
 from ..export import int_to_bytes
 from ..mechanisms import Mechanism
@@ -54,7 +54,8 @@ KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
         "RSA_Signature_PSS_SHA512",
     ),
     "ec": ("ECDSA_Signature",),
-    "other": ("EdDSA_Signature", "BIP340_Signature", "AES_Encryption_CBC", "AES_Decryption_CBC"),
+    "ed25519": ("EdDSA_Signature",),
+    "other": ("BIP340_Signature", "AES_Encryption_CBC", "AES_Decryption_CBC"),
 }
 ALL_MECHANISMS = frozenset(m for group in KEY_MECHANISMS.values() for m in group)
 
@@ -94,6 +95,7 @@ _MODES: dict[Mechanism, tuple[str, str]] = {
     Mechanism.ECDSA_SHA256: ("ECDSA_Signature", "ECDSA"),
     Mechanism.ECDSA_SHA384: ("ECDSA_Signature", "ECDSA"),
     Mechanism.ECDSA_SHA512: ("ECDSA_Signature", "ECDSA"),
+    Mechanism.ED25519: ("EdDSA_Signature", "EdDSA"),
     Mechanism.RSA_OAEP_SHA1: ("RSA_Decryption_OAEP_SHA1", "OAEP_SHA1"),
     Mechanism.RSA_OAEP_SHA256: ("RSA_Decryption_OAEP_SHA256", "OAEP_SHA256"),
     Mechanism.RSA_OAEP_SHA384: ("RSA_Decryption_OAEP_SHA384", "OAEP_SHA384"),
@@ -122,12 +124,12 @@ def label_fits(label: str) -> bool:
 
 
 def type_of(spec: KeySpec) -> str:
-    """The NetHSM key type of a spec (``RSA``, ``EC_P256``, ...)."""
+    """The NetHSM key type of a spec (``RSA``, ``EC_P256``, ``Curve25519``, ...)."""
     if isinstance(spec, RSA):
         return "RSA"
-    if isinstance(spec, EC):
+    if isinstance(spec, (EC, Ed25519)):
         return spec.curve_info.nethsm_type
-    raise InvalidInput(f"spec must be RSA(bits) or EC(curve), not {spec!r}")
+    raise InvalidInput(f"spec must be RSA(bits), EC(curve) or Ed25519(), not {spec!r}")
 
 
 def key_type_body(spec: KeySpec) -> dict[str, Any]:
@@ -147,7 +149,15 @@ def spec_for(key_type: str, length: object) -> KeySpec:
     if curve is None:
         made = ", ".join(["RSA", *(c.nethsm_type for c in curves.CURVES)])
         raise InvalidInput(f"key type {key_type} is not supported by hsmbridge; it makes {made}")
-    return EC(curve.name)
+    return curve_spec(curve)
+
+
+def _family(key_type: str) -> str:
+    """The :data:`KEY_MECHANISMS` family of a NetHSM key type."""
+    if key_type == "RSA":
+        return "rsa"
+    curve = curves.by_nethsm_type(key_type)
+    return curve_spec(curve).key_type if curve is not None else "other"
 
 
 def check_mechanisms(key_type: str, mechanisms: object) -> list[str]:
@@ -157,7 +167,7 @@ def check_mechanisms(key_type: str, mechanisms: object) -> list[str]:
     unknown = sorted(set(mechanisms) - ALL_MECHANISMS)
     if unknown:
         raise InvalidInput(f"unknown key mechanisms: {', '.join(unknown)}")
-    allowed = KEY_MECHANISMS["rsa" if key_type == "RSA" else "ec"]
+    allowed = KEY_MECHANISMS[_family(key_type)]
     wrong = sorted(set(mechanisms) - set(allowed))
     if wrong:
         raise InvalidInput(
@@ -236,20 +246,23 @@ def spec_of(data: Mapping[str, Any]) -> KeySpec | None:
         except InvalidInput:
             return None
     curve = curves.by_nethsm_type(str(kind))
-    return EC(curve.name) if curve else None
+    return curve_spec(curve) if curve else None
 
 
 def public_key_der(spec: KeySpec, public: Mapping[str, Any]) -> bytes:
     """SubjectPublicKeyInfo DER from the ``public`` member of a key's data."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
     try:
         if isinstance(spec, RSA):
             n = int.from_bytes(b64decode(public["modulus"], "the RSA modulus"), "big")
             e = int.from_bytes(b64decode(public["publicExponent"], "the RSA exponent"), "big")
             key = rsa.RSAPublicNumbers(e, n).public_key()
+        elif isinstance(spec, Ed25519):
+            raw = b64decode(public["data"], "the Ed25519 public key")
+            key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
         else:
             point = b64decode(public["data"], "the EC point")
             key = ec.EllipticCurvePublicKey.from_encoded_point(
@@ -263,8 +276,9 @@ def public_key_der(spec: KeySpec, public: Mapping[str, Any]) -> bytes:
 
 
 def private_data(private_key: Any) -> tuple[KeySpec, dict[str, str]]:
-    """(spec, NetHSM ``KeyPrivateData``) of a ``cryptography`` RSA or EC private key."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    """(spec, NetHSM ``KeyPrivateData``) of a ``cryptography`` RSA, EC or Ed25519 private key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     if isinstance(private_key, rsa.RSAPrivateKey):
         numbers = private_key.private_numbers()
@@ -280,14 +294,22 @@ def private_data(private_key: Any) -> tuple[KeySpec, dict[str, str]]:
         if curve is not None:
             scalar = private_key.private_numbers().private_value
             return EC(curve.name), {"data": b64encode(int_to_bytes(scalar, curve.field_bytes))}
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):  # the RFC 8032 seed
+        seed = private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return Ed25519(), {"data": b64encode(seed)}
     raise InvalidInput(
-        f"cannot import {type(private_key).__name__}; give a cryptography RSA private key or "
-        f"an EC one on {curves.NAMES}"
+        f"cannot import {type(private_key).__name__}; give a cryptography RSA private key, "
+        f"an EC one on {curves.NAMES}, or an Ed25519 one"
     )
 
 
 def public_data(spki_der: bytes) -> dict[str, str]:
-    """NetHSM's ``public`` of a key: modulus/publicExponent for RSA, the EC point as ``data``."""
+    """NetHSM's ``public`` of a key: modulus/publicExponent for RSA, the EC point or the
+    Ed25519 public key as ``data``."""
     from asn1crypto import keys as asn1_keys
 
     info = asn1_keys.PublicKeyInfo.load(spki_der)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pkcs11 import Attribute, TokenFlag
 
-from ..api import HSM, RSA, KeyInfo, KeySpec, check_lookup, check_new_key
+from ..api import HSM, RSA, Ed25519, KeyInfo, KeySpec, check_lookup, check_new_key
 from ..errors import (
     ConfigurationError,
     HSMError,
@@ -136,12 +136,14 @@ class Pkcs11HSM(HSM):
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
     ) -> Pkcs11Key:
-        """Write an RSA or EC private key into the token (C_CreateObject), non-extractable.
+        """Write an RSA, EC or Ed25519 private key into the token (C_CreateObject),
+        non-extractable.
 
         The objects get the same templates as generated keys; the public half
         is stored beside it under the same CKA_ID.
         """
         from cryptography.hazmat.primitives.asymmetric import ec as crypto_ec
+        from cryptography.hazmat.primitives.asymmetric import ed25519
         from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 
         spec: KeySpec
@@ -149,10 +151,12 @@ class Pkcs11HSM(HSM):
             spec, to_templates = RSA(private_key.key_size), rsa.import_templates
         elif isinstance(private_key, crypto_ec.EllipticCurvePrivateKey):
             spec, to_templates = ec.spec_of_curve(private_key.curve.name), ec.import_templates
+        elif isinstance(private_key, ed25519.Ed25519PrivateKey):
+            spec, to_templates = Ed25519(), ec.import_templates
         else:
             raise InvalidInput(
-                f"cannot import {type(private_key).__name__}; give a cryptography RSA or EC "
-                "private key"
+                f"cannot import {type(private_key).__name__}; give a cryptography RSA, EC or "
+                "Ed25519 private key"
             )
         uses = check_new_key(spec, label, usage)
 

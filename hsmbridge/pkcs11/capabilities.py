@@ -31,7 +31,7 @@ DecryptProbe = Callable[[Mechanism, bytes], bytes]
 
 def ckm_of(mech: Mechanism) -> Any:
     """The PKCS#11 mechanism (CKM) behind an hsmbridge mechanism."""
-    return ec.mechanism()[0] if mech.key_type == "ec" else rsa.mechanism(mech)[0]
+    return rsa.mechanism(mech)[0] if mech.key_type == "rsa" else ec.mechanism(mech)[0]
 
 
 class Capabilities:

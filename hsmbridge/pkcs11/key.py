@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
-from ..api import EC, RSA, Key, KeyInfo, Op, Result, default_threads
+from ..api import RSA, Key, KeyInfo, Op, Result, default_threads
 from ..batch import Operation, run_batch
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
@@ -160,7 +160,7 @@ class Pkcs11Key(Key):
 
     def _mechanism(self, mech: Mechanism) -> tuple[Any, Any]:
         """(CKM, parameter) for python-pkcs11."""
-        return ec.mechanism() if isinstance(self.spec, EC) else rsa.mechanism(mech)
+        return rsa.mechanism(mech) if isinstance(self.spec, RSA) else ec.mechanism(mech)
 
     def _output_length(self) -> int:
         spec = self.spec

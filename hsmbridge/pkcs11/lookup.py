@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from ..api import EC, KeyInfo, KeySpec
+from ..api import RSA, KeyInfo, KeySpec
 from ..errors import AmbiguousKey, HSMError, InvalidInput, KeyNotFound
 from . import ec, rsa
 from .errormap import SESSION_BROKEN, translate
@@ -56,7 +56,7 @@ IDENTITY_FIELDS = (
 )
 #: What get_key's search reads: both of the above.
 LOOKUP_FIELDS = tuple(dict.fromkeys((*PRIVATE_FIELDS, *IDENTITY_FIELDS)))
-USABLE_TYPES = (KeyType.RSA, KeyType.EC)
+USABLE_TYPES = (KeyType.RSA, *ec.KEY_TYPES)
 #: Labels a KeyNotFound message names at most.
 LABELS_IN_MESSAGE = 20
 #: Objects per C_FindObjects call (python-pkcs11's default is 10).
@@ -110,7 +110,7 @@ class PrivateKey:
 def private_keys(
     session: Any, template: Mapping[Attribute, Any], fields: Sequence[Attribute] = PRIVATE_FIELDS
 ) -> Generator[PrivateKey, None, None]:
-    """RSA and EC private token keys matching ``template``: one search, one read
+    """RSA and curve (EC, Ed25519) private token keys matching ``template``: one search, one read
     of ``fields`` (which include CKA_KEY_TYPE) each.
 
     Close the iterator if you stop early: the search stays open until then.
@@ -160,23 +160,25 @@ def public_half(priv: Any) -> Any:
     return priv  # RSA private keys carry modulus and exponent; EC ones may carry EC_PARAMS
 
 
-def _ec_publics(session: Any) -> dict[bytes, list[tuple[Mapping[Attribute, Any], Any]]]:
-    """Every EC public key's attributes with its label, by CKA_ID: one search."""
-    by_id: dict[bytes, list[tuple[Mapping[Attribute, Any], Any]]] = {}
-    query = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC}
-    fields = (Attribute.ID, Attribute.LABEL, Attribute.EC_PARAMS)
+def _ec_publics(session: Any) -> dict[tuple[bytes, Any], list[tuple[Mapping[Attribute, Any], Any]]]:
+    """Every curve public key's attributes with its label, by CKA_ID and key type: one search."""
+    by_id: dict[tuple[bytes, Any], list[tuple[Mapping[Attribute, Any], Any]]] = {}
+    query = {Attribute.CLASS: ObjectClass.PUBLIC_KEY}
+    fields = (Attribute.ID, Attribute.LABEL, Attribute.KEY_TYPE, Attribute.EC_PARAMS)
     try:
         for pub in session.get_objects(query, batch_size=SEARCH_BATCH):
             attrs = read(pub, fields)
-            key_id = bytes(attrs.get(Attribute.ID) or b"")
-            by_id.setdefault(key_id, []).append((attrs, attrs.get(Attribute.LABEL)))
+            if attrs.get(Attribute.KEY_TYPE) not in ec.KEY_TYPES:
+                continue
+            key = (bytes(attrs.get(Attribute.ID) or b""), attrs.get(Attribute.KEY_TYPE))
+            by_id.setdefault(key, []).append((attrs, attrs.get(Attribute.LABEL)))
     except p11x.PKCS11Error as exc:
         raise translate(exc, what="searching public keys") from None
     return by_id
 
 
 def _needs_public(key: PrivateKey) -> bool:
-    return key.key_type == KeyType.EC and Attribute.EC_PARAMS not in key.attrs
+    return key.key_type in ec.KEY_TYPES and Attribute.EC_PARAMS not in key.attrs
 
 
 def _spec(key: PrivateKey, public: Mapping[Attribute, Any] | None) -> KeySpec:
@@ -202,7 +204,7 @@ def info_of(key: PrivateKey, public: Mapping[Attribute, Any] | None = None) -> K
         for name, attr in (("sign", Attribute.SIGN), ("decrypt", Attribute.DECRYPT))
         if key.attrs.get(attr, False)
     }
-    if isinstance(spec, EC):  # modules (SoftHSM2) default CKA_DECRYPT to true on EC keys
+    if not isinstance(spec, RSA):  # SoftHSM2 defaults CKA_DECRYPT to true on curve keys
         usage.discard("decrypt")
     return KeyInfo(key.label, key.id.hex(), spec, frozenset(usage))
 
@@ -223,7 +225,8 @@ def list_infos(session: Any) -> list[KeyInfo]:
     for key in keys:
         public = None
         if _needs_public(key):
-            public = pick_public(publics.get(key.id, []) if key.id else [], key.label)
+            mates = publics.get((key.id, key.key_type), []) if key.id else []
+            public = pick_public(mates, key.label)
         with contextlib.suppress(HSMError):  # unsupported curves and the like are not listed
             infos.append(info_of(key, public))
     return sorted(infos, key=lambda i: (i.label, i.id))

@@ -16,7 +16,7 @@ from asn1crypto import csr as asn1_csr
 from asn1crypto import keys as asn1_keys
 from asn1crypto import pem, x509
 
-from ..api import EC, Key
+from ..api import EC, Ed25519, Key
 from .errors import bad_request
 
 #: DistinguishedName property -> asn1crypto name attribute.
@@ -75,6 +75,8 @@ def build_csr(key: Key, dn: dict[str, Any]) -> str:
     if isinstance(key.spec, EC):
         hash_name = key.spec.curve_info.hash_name
         algorithm, mech = f"{hash_name}_ecdsa", f"ecdsa-{hash_name}"
+    elif isinstance(key.spec, Ed25519):  # RFC 8410: pure EdDSA over the request info
+        algorithm = mech = "ed25519"
     else:
         algorithm, mech = "sha256_rsa", "rsa-pkcs1-sha256"
     signature = key.sign(tbs, mech)

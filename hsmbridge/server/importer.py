@@ -7,14 +7,14 @@ Parsing and checking happen here; storing goes through the backend's
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .. import curves
 from ..api import HSM, Key
 from .errors import bad_request
 from .keys import unb64
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
 def _int(data: bytes) -> int:
@@ -22,7 +22,7 @@ def _int(data: bytes) -> int:
 
 
 def from_json(key_type: str, private: object) -> PrivateKey:
-    """A private key from NetHSM's KeyPrivateData (RSA primes or an EC scalar)."""
+    """A private key from NetHSM's KeyPrivateData (RSA primes, an EC scalar or an Ed25519 seed)."""
     if not isinstance(private, dict):
         raise bad_request("'private' must be an object")
     unknown = set(private) - {"primeP", "primeQ", "publicExponent", "data"}
@@ -40,6 +40,9 @@ def from_json(key_type: str, private: object) -> PrivateKey:
             )  # fmt: skip
             return numbers.private_key()
         curve = curves.by_nethsm_type(key_type)
+        if curve is not None and curve.kind == "edwards":
+            seed = unb64(private.get("data"), "private.data")
+            return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
         if curve is not None:
             scalar = _int(unb64(private.get("data"), "private.data"))
             return ec.derive_private_key(scalar, curve.crypto_curve())
@@ -60,7 +63,9 @@ def from_pem(pem: bytes) -> tuple[str, PrivateKey]:
         curve = curves.by_oid_name(key.curve.name)
         if curve is not None:
             return curve.nethsm_type, key
-    raise bad_request(f"only RSA and EC ({curves.NAMES}) private keys can be imported")
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return curves.get("Ed25519").nethsm_type, key
+    raise bad_request(f"only RSA, EC ({curves.NAMES}) and Ed25519 private keys can be imported")
 
 
 def import_key(
