@@ -60,6 +60,10 @@ class KeyExists(HSMError):
     """A key with this label or id already exists."""
 
 
+class KeyNotExtractable(HSMError):
+    """The private key cannot leave the HSM (private numbers, private bytes, key exchange)."""
+
+
 class MechanismNotSupported(HSMError):
     """The HSM or the key cannot do this mechanism (the message lists what it can)."""
 
@@ -95,6 +99,7 @@ __all__ = [
     "HSMUnavailable",
     "InvalidInput",
     "KeyExists",
+    "KeyNotExtractable",
     "KeyNotFound",
     "MechanismNotSupported",
     "ModuleLoadError",
