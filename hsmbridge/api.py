@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from . import curves, export
 from .batch import stream_batches
-from .errors import BatchItemError, HSMError, InvalidInput
+from .errors import AmbiguousKey, BatchItemError, HSMError, InvalidInput, KeyNotFound
 from .mechanisms import (
     Mechanism,
     check_key_type,
@@ -34,7 +34,10 @@ from .mechanisms import (
 )
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+    from .crypto_keys import HSMPrivateKey
 
 #: the two things a key can be made for
 USAGES: frozenset[str] = frozenset({"sign", "decrypt"})
@@ -291,6 +294,18 @@ class Key(abc.ABC):
     def _delete(self) -> None:
         """Destroy the key (private and public halves) in the HSM."""
 
+    @abc.abstractmethod
+    def _fetch_certificate_der(self) -> bytes | None:
+        """The DER of the certificate stored with this key, or None."""
+
+    @abc.abstractmethod
+    def _store_certificate(self, cert: x509.Certificate) -> None:
+        """Store ``cert`` with this key, replacing any certificate it had."""
+
+    @abc.abstractmethod
+    def _delete_certificate(self) -> bool:
+        """Remove the key's certificate; False when it had none."""
+
     def _default_threads(self) -> int:
         return default_threads()
 
@@ -338,15 +353,70 @@ class Key(abc.ABC):
         """RFC 7638 SHA-256 thumbprint, base64url without padding."""
         return export.jwk_thumbprint(export.jwk(self.public_key_der()))
 
-    def upload_json(self, min_bits: int = 2048) -> str:
-        """``{"public_key": "<PEM>"}``, refusing keys weaker than ``min_bits``."""
-        return export.upload_json(self.public_key_der(), min_bits=min_bits)
+    def upload_json(self, min_bits: int = 2048, *, key_type: str | None = None) -> str:
+        """``{"public_key": "<PEM>"}``, refusing keys weaker than ``min_bits``.
+
+        With ``key_type`` (``"rsa"``, ``"ec"``), also refuses a key of another algorithm.
+        """
+        return export.upload_json(self.public_key_der(), min_bits=min_bits, key_type=key_type)
 
     def public_key(self) -> PublicKeyTypes:
         """The public half as a ``cryptography`` key object (for verification)."""
         from cryptography.hazmat.primitives.serialization import load_der_public_key
 
         return load_der_public_key(self.public_key_der())
+
+    # -- cryptography and certificates ---------------------------------------------------
+
+    def private_key(self) -> HSMPrivateKey:
+        """This key as a ``cryptography`` private key whose sign/decrypt run in the HSM."""
+        from .crypto_keys import private_key
+
+        return private_key(self)
+
+    def certificate(self) -> x509.Certificate | None:
+        """The certificate stored with this key in the HSM, or None."""
+        from cryptography import x509
+
+        der = self._fetch_certificate_der()
+        return None if der is None else x509.load_der_x509_certificate(der)
+
+    def set_certificate(self, cert: x509.Certificate | bytes | str) -> x509.Certificate:
+        """Store a certificate (object, PEM or DER) for this key, replacing any other.
+
+        Refuses a certificate of another public key.
+        """
+        from . import certificates
+
+        loaded = certificates.load_certificate(cert)
+        certificates.check_belongs(loaded, self)
+        self._store_certificate(loaded)
+        return loaded
+
+    def delete_certificate(self) -> bool:
+        """Remove this key's certificate; False when it had none."""
+        return self._delete_certificate()
+
+    def csr(
+        self, subject: str | x509.Name, *, sans: Iterable[str] = ()
+    ) -> x509.CertificateSigningRequest:
+        """A PKCS#10 request (RFC 4514 ``subject``, ``DNS:``/``IP:`` SANs) signed in the HSM."""
+        from . import certificates
+
+        return certificates.build_csr(self, subject, sans)
+
+    def self_signed(
+        self,
+        subject: str | x509.Name,
+        *,
+        days: int = 365,
+        sans: Iterable[str] = (),
+        ca: bool = False,
+    ) -> x509.Certificate:
+        """A self-signed certificate for this key (not stored: see :meth:`set_certificate`)."""
+        from . import certificates
+
+        return certificates.build_self_signed(self, subject, days=days, sans=sans, ca=ca)
 
     # -- single operations ---------------------------------------------------------
 
@@ -659,6 +729,34 @@ class HSM(abc.ABC):
     @abc.abstractmethod
     def list_keys(self) -> list[KeyInfo]:
         """Every key pair the HSM holds that hsmbridge can use."""
+
+    def get_key_by_certificate(self, subject: str | x509.Name) -> Key:
+        """The one key whose stored certificate has this subject (RFC 4514 or ``x509.Name``)."""
+        from .certificates import parse_name
+
+        name = parse_name(subject)
+        found = self._keys_with_certificate_subject(name)
+        wanted = f"a certificate for {name.rfc4514_string()!r}"
+        if not found:
+            raise KeyNotFound(
+                f"no key in {self.description} has {wanted}; store one with "
+                "key.set_certificate(cert), or look the key up by label"
+            )
+        if len(found) > 1:
+            raise AmbiguousKey(
+                f"{len(found)} keys in {self.description} have {wanted} (labels: "
+                + ", ".join(repr(k.label) for k in found)
+                + "); look the key up by label or key_id"
+            )
+        return found[0]
+
+    def _keys_with_certificate_subject(self, name: x509.Name) -> list[Key]:
+        """Keys whose certificate's subject is ``name``: one look at every key.
+
+        Backends that can search certificates by subject override this.
+        """
+        keys = [self.get_key(key_id=info.id) for info in self.list_keys()]
+        return [k for k in keys if (c := k.certificate()) is not None and c.subject == name]
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release sessions or connections. Idempotent."""

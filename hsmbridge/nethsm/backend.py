@@ -38,9 +38,10 @@ from .client import (
     Credential,
     TLSConfig,
 )
-from .errors import ADMINISTRATOR, ANY_USER, OPERATOR, Call
+from .errors import ADMINISTRATOR, ANY_USER, OPERATOR, Answer, Call
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 PASSWORD_ENV = "NETHSM_PASSWORD"
@@ -525,6 +526,50 @@ class NetHSMKey(Key):
     def _delete(self) -> None:
         call = Call(f"deleting key {self.label!r}", ADMINISTRATOR, safe=False, key_id=self.id)
         self.hsm.client.request("DELETE", self._path(), call, self.hsm._cred(ADMINISTRATOR))
+
+    # -- certificate (``/keys/{id}/cert``) ---------------------------------------------------
+
+    def _cert_request(self, method: str, what: str, role: str, **kw: Any) -> Answer | None:
+        """One request on the key's certificate; None when the NetHSM answers 404.
+
+        404 means "no such key" and "no certificate" alike, so a 404 is
+        followed by a look at the key, and a missing key raises KeyNotFound.
+        """
+        call = Call(f"{what} of key {self.label!r}", role, safe=method != "PUT")
+        try:
+            return self.hsm.client.request(
+                method, self._path("/cert"), call, self.hsm._cred(role), **kw
+            )
+        except HSMError as exc:
+            if exc.status != 404:
+                raise
+        if self.hsm._fetch(self.id) is None:
+            raise KeyNotFound(f"key {self.label!r} no longer exists on {self.hsm.description}")
+        return None
+
+    def _fetch_certificate_der(self) -> bytes | None:
+        from cryptography.hazmat.primitives import serialization
+
+        from ..certificates import load_certificate
+
+        answer = self._cert_request(
+            "GET", "reading the certificate", ANY_USER, accept="application/octet-stream"
+        )
+        if answer is None:
+            return None
+        return load_certificate(answer.data).public_bytes(serialization.Encoding.DER)
+
+    def _store_certificate(self, cert: x509.Certificate) -> None:
+        """PEM, as nitropy and most tools store it (NetHSM keeps the bytes as sent)."""
+        from cryptography.hazmat.primitives import serialization
+
+        self._delete_certificate()  # PUT answers 409 while a certificate is stored
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        self._cert_request("PUT", "storing the certificate", ADMINISTRATOR, octets=pem)
+
+    def _delete_certificate(self) -> bool:
+        answer = self._cert_request("DELETE", "deleting the certificate", ADMINISTRATOR)
+        return answer is not None
 
 
 def _member(answer: Any, name: str) -> Any:

@@ -289,8 +289,12 @@ class Client:
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
         accept: str = "application/json",
+        octets: bytes | None = None,
     ) -> Answer:
-        """Send one request, retrying and failing over per the policy; map errors."""
+        """Send one request, retrying and failing over per the policy; map errors.
+
+        ``body`` goes as JSON, ``octets`` as ``application/octet-stream``.
+        """
         if self.closed:
             raise HSMUnavailable(
                 f"this handle on {self.describe()} was closed; open the HSM again to use it"
@@ -304,6 +308,9 @@ class Client:
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
+        elif octets is not None:
+            data = octets
+            headers["Content-Type"] = "application/octet-stream"
         if params:
             path = f"{path}?{urlencode(params)}"
         # Safe calls: retries + 1 attempts. Unsafe: each instance at most once, and

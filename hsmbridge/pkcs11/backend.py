@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pkcs11 import Attribute, TokenFlag
 
-from ..api import HSM, RSA, Ed25519, KeyInfo, KeySpec, check_lookup, check_new_key
+from ..api import HSM, RSA, Ed25519, Key, KeyInfo, KeySpec, check_lookup, check_new_key
 from ..errors import (
     ConfigurationError,
     HSMError,
@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..mechanisms import Mechanism
 from ..uri import Pkcs11URI
-from . import ec, lookup, rsa
+from . import certs, ec, lookup, rsa
 from .capabilities import Capabilities, ckm_of
 from .errormap import translate
 from .key import Pkcs11Key
@@ -34,6 +34,7 @@ from .pool import SessionPool
 from .templates import Template, key_pair_templates
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger("hsmbridge.pkcs11")
@@ -248,6 +249,18 @@ class Pkcs11HSM(HSM):
     def list_keys(self) -> list[KeyInfo]:
         with self.pool.admin() as session:
             return self._infos(session)
+
+    def _keys_with_certificate_subject(self, name: x509.Name) -> list[Key]:
+        """One search over the token's certificates, then the keys by CKA_ID."""
+        with self.pool.admin() as session:
+            try:
+                key_ids = certs.key_ids_with_subject(session, name)
+            except Exception as exc:
+                raise translate(exc, what="searching certificates") from None
+            found = [self._find(session, {Attribute.ID: key_id}) for key_id in key_ids]
+            return [
+                Pkcs11Key(self, self._info(objs[0]), int(objs[0].handle)) for objs in found if objs
+            ]
 
     def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
         # CKA_TOKEN: never return the session-object copies made for batches.

@@ -23,12 +23,14 @@ from ..api import RSA, Key, KeyInfo, Op, Result, default_threads
 from ..batch import Operation, run_batch
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
-from . import ec, rsa
+from . import certs, ec, rsa
 from .capabilities import REFUSALS
 from .errormap import SESSION_BROKEN, exception_for_rv, translate
 from .pool import PooledSession
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from .backend import Pkcs11HSM
 
 log = logging.getLogger("hsmbridge.pkcs11")
@@ -247,8 +249,56 @@ class Pkcs11Key(Key):
             priv = self._object_in(session)
             pub = self.hsm._public_object(priv)
             try:
+                for cert in certs.of_key(session, bytes.fromhex(self.id)) if self.id else ():
+                    cert.destroy()
                 if pub is not priv:
                     pub.destroy()
                 priv.destroy()
             except Exception as exc:
                 raise translate(exc, what="deleting the key", key=self.label) from None
+
+    # -- certificate ---------------------------------------------------------------------------
+
+    def _key_id(self) -> bytes:
+        if not self.id:
+            raise InvalidInput(
+                f"key {self.label!r} has no CKA_ID, which links a certificate to its key in "
+                "PKCS#11; give the key an id (pkcs11-tool --set-id) first"
+            )
+        return bytes.fromhex(self.id)
+
+    def _fetch_certificate_der(self) -> bytes | None:
+        with self.hsm.pool.admin() as session:
+            try:
+                found = certs.of_key(session, self._key_id())
+                return bytes(found[0][Attribute.VALUE]) if found else None
+            except HSMError:
+                raise
+            except Exception as exc:
+                raise translate(exc, what="reading the certificate", key=self.label) from None
+
+    def _store_certificate(self, cert: x509.Certificate) -> None:
+        key_id = self._key_id()
+        with self.hsm.pool.admin() as session:
+            try:
+                self._object_in(session)  # the key is still there
+                old = certs.of_key(session, key_id)
+                session.create_object(certs.template(cert, key_id, self.label))
+                for obj in old:
+                    obj.destroy()
+            except HSMError:
+                raise
+            except Exception as exc:
+                raise translate(exc, what="storing the certificate", key=self.label) from None
+
+    def _delete_certificate(self) -> bool:
+        with self.hsm.pool.admin() as session:
+            try:
+                found = certs.of_key(session, self._key_id())
+                for obj in found:
+                    obj.destroy()
+            except HSMError:
+                raise
+            except Exception as exc:
+                raise translate(exc, what="deleting the certificate", key=self.label) from None
+            return bool(found)
