@@ -93,14 +93,41 @@ def jwk_thumbprint(members: dict[str, str]) -> str:
     return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
-def upload_json(der: bytes, *, min_bits: int = 2048) -> str:
-    """``{"public_key": PEM}`` as payment providers ask for it; refuses weak keys."""
+#: key type a provider may ask for -> how to make one (for messages)
+_MAKE_KEY = {"rsa": "RSA(2048), or --type rsa:2048", "ec": 'EC("P-256"), or --type ec:p256'}
+
+
+def upload_json(der: bytes, *, min_bits: int = 2048, key_type: str | None = None) -> str:
+    """``{"public_key": PEM}`` as payment providers ask for it; refuses weak keys.
+
+    ``key_type`` (``"rsa"``, ``"ec"``) is the algorithm the provider wants:
+    a key of another algorithm is refused, naming both.
+    """
     if not isinstance(min_bits, int) or isinstance(min_bits, bool) or min_bits < 0:
         raise InvalidInput(f"min_bits must be a whole number of bits, not {min_bits!r}")
     info = _load_spki(der)
+    if key_type is not None:
+        wanted = str(key_type).lower()
+        if wanted not in _MAKE_KEY:
+            raise InvalidInput(f"key_type must be one of {sorted(_MAKE_KEY)}, not {key_type!r}")
+        if info.algorithm != wanted:
+            raise InvalidInput(
+                f"the provider wants an {wanted.upper()} key but this is an {_describe(info)} "
+                f"key; upload an {wanted.upper()} key instead ({_MAKE_KEY[wanted]})"
+            )
     if info.algorithm == "rsa" and info.bit_size < min_bits:
         raise InvalidInput(
-            f"the key is RSA-{info.bit_size}, below the required minimum of {min_bits} bits; "
+            f"the key is {_describe(info)}, below the required minimum of {min_bits} bits; "
             f"generate an RSA({max(min_bits, 2048)}) key for upload"
         )
     return json.dumps({"public_key": der_to_pem(der).rstrip("\n")})
+
+
+def _describe(info: asn1_keys.PublicKeyInfo) -> str:
+    """``RSA-2048`` or ``EC P-256``, for messages."""
+    if info.algorithm == "rsa":
+        return f"RSA-{info.bit_size}"
+    if info.algorithm == "ec":
+        curve = curves.by_oid_name(info.curve[1])
+        return f"EC {curve.name if curve else info.curve[1]}"
+    return str(info.algorithm).upper()

@@ -486,6 +486,20 @@ def test_upload_json_refuses_weak_rsa(keyring: Keyring, weak_key: Key) -> None:
     assert json.loads(weak_key.upload_json(min_bits=1024))["public_key"].startswith("-----BEGIN")
 
 
+def test_upload_json_refuses_another_algorithm(keyring: Keyring) -> None:
+    rsa_key, ec_key = keyring.get("rsa2048"), keyring.get("p256")
+    with pytest.raises(InvalidInput) as info:
+        ec_key.upload_json(key_type="rsa")
+    assert "wants an RSA key" in info.value.message and "EC P-256" in info.value.message
+    with pytest.raises(InvalidInput) as info:
+        rsa_key.upload_json(key_type="ec")
+    assert "wants an EC key" in info.value.message and "RSA-2048" in info.value.message
+    assert rsa_key.upload_json(key_type="rsa") == rsa_key.upload_json()
+    assert ec_key.upload_json(key_type="EC") == ec_key.upload_json()
+    with pytest.raises(InvalidInput, match="key_type must be one of"):
+        rsa_key.upload_json(key_type="dsa")
+
+
 # -- batches ------------------------------------------------------------------------------
 
 OAEP = Mechanism.RSA_OAEP_SHA1  # the OAEP every backend has (SoftHSM2: SHA-1 only)
