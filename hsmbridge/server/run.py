@@ -9,7 +9,9 @@ start, reuses it afterwards, and prints its SHA-256 fingerprint for pinning.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -32,11 +34,47 @@ DEFAULT_THREADS = 64
 
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigurationError(
-            f"--listen must be HOST:PORT (e.g. 127.0.0.1:8443), got {listen!r}"
+            f"--listen must be HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:8443), "
+            f"got {listen!r}"
         )
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port``, or a ConfigurationError saying why not.
+
+    proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they
+    are TCP; without it every response waits ~40 ms for a delayed ACK (Nagle).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {reason}; stop what uses it or choose another "
+            "--listen HOST:PORT (the host must be an address of this machine)"
+        ) from None
+    return sock
+
+
+def _state_dir(state_dir: str | Path) -> Path:
+    state = Path(state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot create the state directory {str(state)!r}: {exc.strerror}; "
+            "create it, or give a writable --state-dir"
+        ) from None
+    if not os.access(state, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"the state directory {str(state)!r} is not writable")
+    return state
 
 
 def _tls_files(
@@ -45,7 +83,7 @@ def _tls_files(
     if (tls_cert is None) != (tls_key is None):
         raise ConfigurationError("give both --tls-cert and --tls-key, or neither")
     if tls_cert is not None and tls_key is not None:
-        return Path(tls_cert), Path(tls_key)
+        return tls.check_pem_pair(Path(tls_cert), Path(tls_key))
     names = (host,) if host not in ("0.0.0.0", "::", "") else ()
     return tls.ensure_self_signed(state_dir, names)
 
@@ -126,24 +164,26 @@ def serve(
     import hsmbridge
 
     host, port = _split_listen(listen)
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
+    sock = _bind(host, port)
     options: dict[str, Any] = {"pin": pin} if pin is not None else {}
     if hsm_uri.startswith("pkcs11:"):
         # A PKCS#11 session per request thread: signatures never queue for a session
         # (the pool opens them only as concurrency demands).
         options["max_sessions"] = threads
-    hsm = hsmbridge.open(hsm_uri, **options)
+    try:
+        hsm = hsmbridge.open(hsm_uri, **options)
+    except BaseException:
+        sock.close()
+        raise
     bridge = Bridge(hsm, state, cert)
     try:
         print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
         print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
         print(f"state: {bridge.state} (database {bridge.store.path})", flush=True)
-        config = _uvicorn_config(
-            build_app(bridge, threads), cert, key, threads, host=host, port=port
-        )
-        _graceful_server(config).run()
+        config = _uvicorn_config(build_app(bridge, threads), cert, key, threads)
+        _graceful_server(config).run(sockets=[sock])
         print("hsmbridge serve: stopped", flush=True)
     finally:
         bridge.close()
@@ -197,16 +237,10 @@ def start_in_thread(
     """
     import uvicorn
 
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
+    sock = _bind(host, port)
     bridge = Bridge(hsm, state, cert)
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
-    # without it every response waits ~40 ms for a delayed ACK (Nagle).
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     config = _uvicorn_config(build_app(bridge, threads), cert, key, threads, graceful=1)
     server = uvicorn.Server(config)

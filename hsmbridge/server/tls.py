@@ -14,9 +14,12 @@ import socket
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from ..errors import ConfigurationError
 
 CERT_NAME = "tls-cert.pem"
 KEY_NAME = "tls-key.pem"
@@ -106,3 +109,36 @@ def public_key_pem(cert_path: Path) -> str:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode("ascii")
     )
+
+
+def check_pem_pair(cert_path: Path, key_path: Path) -> tuple[Path, Path]:
+    """(cert, key) if they are a readable PEM certificate and its unencrypted PEM key."""
+    texts = []
+    for option, path in (("--tls-cert", cert_path), ("--tls-key", key_path)):
+        try:
+            texts.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read {option} {str(path)!r}: {exc.strerror}"
+            ) from None
+    try:
+        cert = x509.load_pem_x509_certificate(texts[0])
+    except ValueError:
+        raise ConfigurationError(
+            f"--tls-cert {str(cert_path)!r} is not a PEM certificate "
+            "(-----BEGIN CERTIFICATE-----); convert it with 'openssl x509 -outform PEM'"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(texts[1], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigurationError(
+            f"--tls-key {str(key_path)!r} is not an unencrypted PEM private key; "
+            "convert it with 'openssl pkey -out key.pem'"
+        ) from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+        raise ConfigurationError(
+            f"--tls-key {str(key_path)!r} is not the key of --tls-cert {str(cert_path)!r}"
+        )
+    return cert_path, key_path
