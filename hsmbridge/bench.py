@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from .api import EC, RSA, KeySpec
 from .errors import ConfigurationError
 from .pkcs11 import Pkcs11HSM, Pkcs11Key
+from .progress import Progress
 
 CEILING_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "ceiling"
 
@@ -290,15 +291,6 @@ def format_table(results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def _progress(done: int, total: int, text: str) -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text:<48}")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
-
-
 def run_bench(args: Any) -> int:
     """``hsmbridge bench``: every workload x contender, a table or JSON."""
     import hsmbridge
@@ -325,21 +317,20 @@ def run_bench(args: Any) -> int:
         contenders.remove("c-ceiling")
         print("note: no benchmarks/ceiling here; the C ceiling is skipped", file=sys.stderr)
     results: list[Measurement] = []
-    total = len(workloads) * len(contenders)
-    done = 0
+    progress = Progress(len(workloads) * len(contenders))
     try:
         for w in workloads:
             count = args.count * (5 if isinstance(w.spec, EC) else 1)
             prep = prepare(hsm, python_hsm, w, count, f"bench-{w.name}-{os.getpid()}")
             try:
                 for contender in contenders:
-                    _progress(done, total, f"{w.name} {contender}")
+                    progress.update(progress.done, f"{w.name} {contender}")
                     results.append(measure(prep, contender, args.threads, hsm, parsed.pin.value))
-                    done += 1
+                    progress.advance(1, f"{w.name} {contender}")
             finally:
                 prep.key.delete()
-        _progress(total, total, "done")
     finally:
+        progress.close()
         python_hsm.close()
         hsm.close()
     if args.json:

@@ -1,7 +1,13 @@
 """The ``hsmbridge`` command.
 
 Exit codes: 0 success, 1 an HSM error (one line on stderr), 2 a usage error.
-Data goes through stdin/stdout by default, as bytes.
+Data goes through stdin/stdout by default, as bytes. The global options
+(``--hsm``, ``--json``) are accepted before or after the subcommand: every
+subcommand's parser has them too (:func:`_global_options`), with defaults
+suppressed so a value given before the subcommand is kept.
+
+Each subcommand is one ``_add_*`` function (its arguments) and one ``cmd_*``
+function (what it does), joined by ``set_defaults(run=...)``.
 """
 
 from __future__ import annotations
@@ -10,14 +16,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
 from . import HSM_ENV, HSMError
 from . import open as open_hsm
-from .api import HSM, parse_key_spec
+from .api import HSM, Key, parse_key_spec
 
 FORMATS = ("pem", "der", "jwk", "upload-json")
+#: what ``--key-type`` may say for upload-json; payment providers ask for RSA
+UPLOAD_KEY_TYPES = ("rsa", "ec", "any")
+
+Command = Callable[[argparse.Namespace], int | None]
+HSMCommand = Callable[[HSM, argparse.Namespace], int | None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,60 +37,62 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"hsmbridge: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hsmbridge", description="Keys that live inside an HSM.")
+class _UsageError(Exception):
+    """Exit 2 with one line: the command line or its files are wrong."""
+
+
+class _Failure(Exception):
+    """Exit 1 with one line: the HSM answered, but there is nothing to show."""
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--hsm`` and ``--json``; on subcommands their defaults are suppressed."""
     parser.add_argument(
         "--hsm",
-        default=os.environ.get(HSM_ENV),
+        default=os.environ.get(HSM_ENV) if top else argparse.SUPPRESS,
         help=f"HSM URI, pkcs11:... or nethsm://USER@HOST:PORT (default: ${HSM_ENV})",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print JSON instead of a table or a line",
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hsmbridge", description="Keys that live inside an HSM.")
+    _global_options(parser, top=True)
+    common = _Parser(add_help=False)
+    _global_options(common, top=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("keygen", help="generate a key pair inside the HSM")
-    p.add_argument(
-        "--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|ec:p384|ec:p521|ed25519"
-    )
-    p.add_argument("--label", required=True)
-    p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
 
-    p = sub.add_parser("list", help="list keys")
-    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-
-    p = sub.add_parser("pubkey", help="export a public key")
-    p.add_argument("label")
-    p.add_argument("--format", choices=FORMATS, default="pem")
-    p.add_argument("--min-bits", type=int, default=2048, help="for upload-json (default 2048)")
-    p.add_argument("--out", help="file to write (default stdout)")
-
-    for name, verb in (("sign", "sign"), ("decrypt", "decrypt")):
-        p = sub.add_parser(name, help=f"{verb} data with a key (binary-safe)")
-        p.add_argument("label")
-        p.add_argument("--mechanism", "-m", required=True)
-        p.add_argument("--in", dest="infile", help="input file (default stdin)")
-        p.add_argument("--out", help="output file (default stdout)")
-        if name == "sign":
-            p.add_argument("--prehashed", action="store_true", help="input is the digest")
-            p.add_argument("--signature-format", choices=("der", "raw"), default="der")
-
-    p = sub.add_parser("delete", help="destroy a key in the HSM")
-    p.add_argument("label")
-
-    p = sub.add_parser("demo", help="generate keys, export PEM, batch sign/decrypt with throughput")
-    p.add_argument("--count", type=int, default=2000, help="operations per batch (default 2000)")
-    p.add_argument("--keep", action="store_true", help="keep the demo keys afterwards")
-
-    p = sub.add_parser("bench", help="hot-path benchmark against the C ceiling and baselines")
-    p.add_argument("--count", type=int, default=2000, help="operations per measurement")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--only", default="", help="comma-separated subset of suites")
-
-    p = sub.add_parser("serve", help="serve the NetHSM REST API over this HSM")
-    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
-    p.add_argument("--state-dir", required=True, help="where the database and TLS files live")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
+    for add_command in (
+        _add_keygen, _add_list, _add_pubkey, _add_sign_decrypt, _add_delete, _add_csr,
+        _add_cert, _add_demo, _add_bench, _add_serve, _add_completion,
+    ):  # fmt: skip
+        add_command(add, common)
     return parser
+
+
+Adder = Callable[[str, str], argparse.ArgumentParser]
+
+
+# -- output helpers ------------------------------------------------------------------
 
 
 def _read_input(path: str | None) -> bytes:
@@ -104,105 +117,338 @@ def _write_output(data: bytes, path: str | None) -> None:
         raise _UsageError(f"cannot write {path!r}: {exc.strerror}") from None
 
 
-class _UsageError(Exception):
-    pass
+def _say(args: argparse.Namespace, line: str, data: Any) -> None:
+    """One human line, or ``data`` as JSON with ``--json``."""
+    print(json.dumps(data, indent=2) if args.json else line)
 
 
-def _open(args: argparse.Namespace) -> HSM:
-    if not args.hsm and args.command == "demo":
-        from .softhsm import embedded_demo_token
-
-        token = embedded_demo_token()
-        print(f"using the embedded SoftHSM2 token {token.label!r} in {token.conf.parent}")
-        return open_hsm(token.uri, pin=token.pin)
-    if not args.hsm:
-        raise _UsageError(f"no HSM given: pass --hsm URI or set {HSM_ENV}")
-    return open_hsm(args.hsm)
-
-
-def _print_table(rows: list[dict[str, Any]], out: IO[str]) -> None:
-    if not rows:
-        print("no keys", file=out)
-        return
-    headers = ["label", "id", "type", "size", "curve", "usage"]
+def _print_table(rows: list[dict[str, Any]], headers: list[str], out: IO[str]) -> None:
     cells = [
         [str(r[h] if not isinstance(r[h], list) else ",".join(r[h])) for h in headers] for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=out)
     for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)), file=out)
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip(), file=out)
 
 
-def run(args: argparse.Namespace) -> int:
-    cmd = args.command
-    if cmd == "serve":
-        from .server.run import serve
+# -- key commands ----------------------------------------------------------------------
 
-        if not args.hsm:
-            raise _UsageError(f"no HSM given: pass --hsm URI or set {HSM_ENV}")
-        serve(args.hsm, args.listen, args.state_dir, args.tls_cert, args.tls_key)
-        return 0
-    if cmd == "bench":
-        from .bench import run_bench
 
-        status: int = run_bench(args)
-        return status
-    with _open(args) as hsm:
-        if cmd == "keygen":
-            usage = {u.strip() for u in args.usage.split(",") if u.strip()}
-            key = hsm.generate_key(parse_key_spec(args.type), label=args.label, usage=usage)
-            uses = ",".join(sorted(key.info.usage))
-            print(f"generated {key.spec} key {key.label!r} id {key.id} usage {uses}")
-        elif cmd == "list":
-            rows = [info.to_dict() for info in hsm.list_keys()]
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                _print_table(rows, sys.stdout)
-        elif cmd == "pubkey":
-            key = hsm.get_key(args.label)
-            data: bytes
-            if args.format == "pem":
-                data = key.public_key_pem().encode()
-            elif args.format == "der":
-                data = key.public_key_der()
-            elif args.format == "jwk":
-                data = (json.dumps(key.public_key_jwk()) + "\n").encode()
-            else:
-                data = (key.upload_json(min_bits=args.min_bits) + "\n").encode()
-            _write_output(data, args.out)
-        elif cmd == "sign":
-            key = hsm.get_key(args.label)
-            sig = key.sign(
-                _read_input(args.infile),
-                args.mechanism,
-                prehashed=args.prehashed,
-                signature_format=args.signature_format,
-            )
-            _write_output(sig, args.out)
-        elif cmd == "decrypt":
-            key = hsm.get_key(args.label)
-            _write_output(key.decrypt(_read_input(args.infile), args.mechanism), args.out)
-        elif cmd == "delete":
-            key = hsm.get_key(args.label)
-            key.delete()
-            print(f"deleted key {key.label!r} id {key.id}")
-        elif cmd == "demo":
-            from .demo import run_demo
+def _add_keygen(add: Adder, common: _Parser) -> None:
+    p = add("keygen", "generate a key pair inside the HSM")
+    p.add_argument(
+        "--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|ec:p384|ec:p521|ed25519"
+    )
+    p.add_argument("--label", required=True)
+    p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")
+    p.set_defaults(run=_with_hsm(cmd_keygen))
 
-            run_demo(hsm, count=args.count, keep=args.keep)
-    return 0
+
+def cmd_keygen(hsm: HSM, args: argparse.Namespace) -> None:
+    usage = {u.strip() for u in args.usage.split(",") if u.strip()}
+    key = hsm.generate_key(parse_key_spec(args.type), label=args.label, usage=usage)
+    uses = ",".join(sorted(key.info.usage))
+    _say(
+        args, f"generated {key.spec} key {key.label!r} id {key.id} usage {uses}", key.info.to_dict()
+    )
+
+
+def _add_list(add: Adder, common: _Parser) -> None:
+    add("list", "list keys").set_defaults(run=_with_hsm(cmd_list))
+
+
+def cmd_list(hsm: HSM, args: argparse.Namespace) -> None:
+    rows = [info.to_dict() for info in hsm.list_keys()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no keys")
+    else:
+        _print_table(rows, ["label", "id", "type", "size", "curve", "usage"], sys.stdout)
+
+
+def _add_pubkey(add: Adder, common: _Parser) -> None:
+    p = add("pubkey", "export a public key")
+    p.add_argument("label")
+    p.add_argument("--format", choices=FORMATS, default="pem")
+    p.add_argument(
+        "--min-bits", type=positive_int, default=2048, help="for upload-json (default 2048)"
+    )
+    p.add_argument(
+        "--key-type",
+        choices=UPLOAD_KEY_TYPES,
+        default="rsa",
+        help="for upload-json: the algorithm the provider wants (default rsa)",
+    )
+    p.add_argument("--out", help="file to write (default stdout)")
+    p.set_defaults(run=_with_hsm(cmd_pubkey))
+
+
+def cmd_pubkey(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    data: bytes
+    if args.format == "pem":
+        data = key.public_key_pem().encode()
+    elif args.format == "der":
+        data = key.public_key_der()
+    elif args.format == "jwk":
+        data = (json.dumps(key.public_key_jwk()) + "\n").encode()
+    else:
+        key_type = None if args.key_type == "any" else args.key_type
+        data = (key.upload_json(min_bits=args.min_bits, key_type=key_type) + "\n").encode()
+    _write_output(data, args.out)
+
+
+def _add_sign_decrypt(add: Adder, common: _Parser) -> None:
+    for name, run in (("sign", cmd_sign), ("decrypt", cmd_decrypt)):
+        p = add(name, f"{name} data with a key (binary-safe)")
+        p.add_argument("label")
+        p.add_argument("--mechanism", "-m", required=True)
+        p.add_argument("--in", dest="infile", help="input file (default stdin)")
+        p.add_argument("--out", help="output file (default stdout)")
+        if name == "sign":
+            p.add_argument("--prehashed", action="store_true", help="input is the digest")
+            p.add_argument("--signature-format", choices=("der", "raw"), default="der")
+        p.set_defaults(run=_with_hsm(run))
+
+
+def cmd_sign(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    sig = key.sign(
+        _read_input(args.infile),
+        args.mechanism,
+        prehashed=args.prehashed,
+        signature_format=args.signature_format,
+    )
+    _write_output(sig, args.out)
+
+
+def cmd_decrypt(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    _write_output(key.decrypt(_read_input(args.infile), args.mechanism), args.out)
+
+
+def _add_delete(add: Adder, common: _Parser) -> None:
+    p = add("delete", "destroy a key in the HSM")
+    p.add_argument("label")
+    p.set_defaults(run=_with_hsm(cmd_delete))
+
+
+def cmd_delete(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    key.delete()
+    _say(args, f"deleted key {key.label!r} id {key.id}", {"deleted": key.info.to_dict()})
+
+
+# -- CSRs and certificates ---------------------------------------------------------------
+
+
+def _subject_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("label")
+    p.add_argument("--subject", required=True, help='RFC 4514, e.g. "CN=api.example.com,O=Example"')
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        help="subjectAltName DNS:name, IP:addr, email:addr or URI:uri (repeatable)",
+    )
+    p.add_argument("--out", help="file to write the PEM to (default stdout)")
+
+
+def _add_csr(add: Adder, common: _Parser) -> None:
+    p = add("csr", "make a PKCS#10 certificate signing request signed by the key")
+    _subject_options(p)
+    p.set_defaults(run=_with_hsm(cmd_csr))
+
+
+def cmd_csr(hsm: HSM, args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    csr = hsm.get_key(args.label).csr(args.subject, sans=args.san)
+    pem = csr.public_bytes(Encoding.PEM)
+    if args.json:
+        pem = (json.dumps({"label": args.label, "csr": pem.decode()}, indent=2) + "\n").encode()
+    _write_output(pem, args.out)
+
+
+def _add_cert(add: Adder, common: _Parser) -> None:
+    p = add("cert", "the certificate stored with a key")
+    cert_sub = p.add_subparsers(dest="cert_command", required=True, parser_class=_Parser)
+    s = cert_sub.add_parser(
+        "self-sign", help="make a self-signed certificate and store it", parents=[common]
+    )
+    _subject_options(s)
+    s.add_argument("--days", type=positive_int, default=365, help="validity (default 365)")
+    s.add_argument("--ca", action="store_true", help="mark it a CA (basicConstraints CA:TRUE)")
+    s.set_defaults(run=_with_hsm(cmd_cert_self_sign))
+    s = cert_sub.add_parser("import", help="store a certificate (PEM or DER)", parents=[common])
+    s.add_argument("label")
+    s.add_argument("--in", dest="infile", help="certificate file (default stdin)")
+    s.set_defaults(run=_with_hsm(cmd_cert_import))
+    s = cert_sub.add_parser("show", help="show the stored certificate", parents=[common])
+    s.add_argument("label")
+    s.add_argument("--pem", action="store_true", help="print the PEM instead of a table")
+    s.set_defaults(run=_with_hsm(cmd_cert_show))
+    s = cert_sub.add_parser("delete", help="remove the stored certificate", parents=[common])
+    s.add_argument("label")
+    s.set_defaults(run=_with_hsm(cmd_cert_delete))
+
+
+def _cert_summary(key: Key, cert: Any) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from .certificates import describe
+
+    return {"label": key.label, "id": key.id, **describe(cert),
+            "pem": cert.public_bytes(Encoding.PEM).decode()}  # fmt: skip
+
+
+def cmd_cert_self_sign(hsm: HSM, args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key = hsm.get_key(args.label)
+    cert = key.self_signed(args.subject, days=args.days, sans=args.san, ca=args.ca)
+    key.set_certificate(cert)
+    if args.json:
+        data = (json.dumps(_cert_summary(key, cert), indent=2) + "\n").encode()
+    else:
+        data = cert.public_bytes(Encoding.PEM)
+    _write_output(data, args.out)
+
+
+def cmd_cert_import(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    cert = key.set_certificate(_read_input(args.infile))
+    summary = _cert_summary(key, cert)
+    _say(args, f"stored the certificate of {summary['subject']!r} with key {key.label!r}", summary)
+
+
+def cmd_cert_show(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    cert = key.certificate()
+    if cert is None:
+        raise _Failure(
+            f"key {key.label!r} has no certificate; store one with "
+            "'hsmbridge cert import' or 'hsmbridge cert self-sign'"
+        )
+    summary = _cert_summary(key, cert)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif args.pem:
+        sys.stdout.write(summary["pem"])
+    else:
+        rows = [{"field": k, "value": v} for k, v in summary.items() if k != "pem"]
+        _print_table(rows, ["field", "value"], sys.stdout)
+
+
+def cmd_cert_delete(hsm: HSM, args: argparse.Namespace) -> None:
+    key = hsm.get_key(args.label)
+    if not key.delete_certificate():
+        raise _Failure(f"key {key.label!r} has no certificate to delete")
+    _say(args, f"deleted the certificate of key {key.label!r}", {"deleted": key.label})
+
+
+# -- demo, bench, serve, completion ------------------------------------------------------
+
+
+def _add_demo(add: Adder, common: _Parser) -> None:
+    p = add("demo", "generate keys, export PEM, batch sign/decrypt with throughput")
+    p.add_argument(
+        "--count", type=positive_int, default=2000, help="operations per batch (default 2000)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the demo keys afterwards")
+    p.set_defaults(run=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    if args.hsm:
+        hsm = open_hsm(args.hsm)
+    else:
+        from .softhsm import embedded_demo_token
+
+        token = embedded_demo_token()
+        print(f"using the embedded SoftHSM2 token {token.label!r} in {token.conf.parent}")
+        hsm = open_hsm(token.uri, pin=token.pin)
+    with hsm:
+        run_demo(hsm, count=args.count, keep=args.keep)
+
+
+def _add_bench(add: Adder, common: _Parser) -> None:
+    p = add("bench", "hot-path benchmark against the C ceiling and baselines")
+    p.add_argument("--count", type=positive_int, default=2000, help="operations per measurement")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--only", default="", help="comma-separated subset of suites")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    status: int = run_bench(args)
+    return status
+
+
+def _add_serve(add: Adder, common: _Parser) -> None:
+    p = add("serve", "serve the NetHSM REST API over this HSM")
+    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
+    p.add_argument("--state-dir", required=True, help="where the database and TLS files live")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server.run import serve
+
+    serve(_require_hsm(args), args.listen, args.state_dir, args.tls_cert, args.tls_key)
+
+
+def _add_completion(add: Adder, common: _Parser) -> None:
+    p = add("completion", "print a shell completion script (bash or zsh)")
+    p.add_argument("shell", choices=("bash", "zsh"))
+    p.set_defaults(run=cmd_completion)
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    from .completion import script
+
+    sys.stdout.write(script(build_parser(), args.shell))
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def _require_hsm(args: argparse.Namespace) -> str:
+    if not args.hsm:
+        raise _UsageError(f"no HSM given: pass --hsm URI or set {HSM_ENV}")
+    return str(args.hsm)
+
+
+def _with_hsm(command: HSMCommand) -> Command:
+    """A command run on the HSM of ``--hsm``, closed afterwards."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        with open_hsm(_require_hsm(args)) as hsm:
+            return command(hsm, args)
+
+    run.__name__ = command.__name__
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return args.run(args) or 0  # type: ignore[no-any-return]
     except _UsageError as exc:
         print(f"hsmbridge: error: {exc}", file=sys.stderr)
         return 2
+    except _Failure as exc:
+        print(f"hsmbridge: {exc}", file=sys.stderr)
+        return 1
     except HSMError as exc:
         print(f"hsmbridge: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

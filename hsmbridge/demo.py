@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from .api import EC, HSM, RSA
 from .errors import HSMError
+from .progress import Progress
 
 
 def _rate(n: int, seconds: float) -> str:
@@ -72,9 +73,13 @@ def run_demo(hsm: HSM, *, count: int = 2000, keep: bool = False) -> None:
             ),
         ]
         for name, batch, one in rows:
-            _, t_single = _timed(lambda one=one: [one(i) for i in range(single)])  # type: ignore[misc]
-            results, t_batch = _timed(batch)
-            _verify(name, results, messages, plaintexts, rsa_pub, ec_pub)
+            with Progress(3) as progress:
+                progress.update(0, f"{name}: one at a time")
+                _, t_single = _timed(lambda one=one: [one(i) for i in range(single)])  # type: ignore[misc]
+                progress.update(1, f"{name}: batch")
+                results, t_batch = _timed(batch)
+                progress.update(2, f"{name}: verifying")
+                _verify(name, results, messages, plaintexts, rsa_pub, ec_pub)
             print(f"{name:<34}{_rate(single, t_single):>16}{_rate(count, t_batch):>16}")
         print("\nevery signature verified with cryptography; every plaintext matched")
     finally:
