@@ -102,7 +102,7 @@ def _check_pss_salt(pss: _padding.PSS, algorithm: hashes.HashAlgorithm, key_size
 
 def _not_extractable(key: Key, what: str) -> NoReturn:
     raise KeyNotExtractable(
-        f"{what} of key {key.label!r} cannot be had: its private key cannot leave the HSM. "
+        f"key {key.label!r} cannot {what}: its private key cannot leave the HSM. "
         "Sign (or decrypt) with the key object instead, and export only the public key "
         "(public_key(), key.public_key_pem())"
     )
@@ -168,7 +168,7 @@ class HSMRSAPrivateKey(rsa.RSAPrivateKey):
         )
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _not_extractable(self.hsm_key, "the private numbers")
+        _not_extractable(self.hsm_key, "give its private numbers")
 
     def private_bytes(
         self,
@@ -176,7 +176,7 @@ class HSMRSAPrivateKey(rsa.RSAPrivateKey):
         format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
-        _not_extractable(self.hsm_key, "the private key bytes")
+        _not_extractable(self.hsm_key, "give its private key bytes")
 
     def __copy__(self) -> HSMRSAPrivateKey:
         return self  # a handle on one HSM key: nothing to copy
@@ -227,10 +227,10 @@ class HSMECPrivateKey(ec.EllipticCurvePrivateKey):
         return self.hsm_key.sign(bytes(data), mech, prehashed=prehashed)
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        _not_extractable(self.hsm_key, "an ECDH key exchange (hsmbridge keys only sign)")
+        _not_extractable(self.hsm_key, "do an ECDH key exchange (hsmbridge keys sign only)")
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _not_extractable(self.hsm_key, "the private numbers")
+        _not_extractable(self.hsm_key, "give its private numbers")
 
     def private_bytes(
         self,
@@ -238,7 +238,7 @@ class HSMECPrivateKey(ec.EllipticCurvePrivateKey):
         format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
-        _not_extractable(self.hsm_key, "the private key bytes")
+        _not_extractable(self.hsm_key, "give its private key bytes")
 
     def __copy__(self) -> HSMECPrivateKey:
         return self

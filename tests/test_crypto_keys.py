@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
 from hsmbridge import EC, HSM, RSA, Key, KeyNotExtractable, MechanismNotSupported
@@ -198,6 +198,14 @@ def test_private_material_cannot_leave(keys: dict[str, Key]) -> None:
     peer = ec.generate_private_key(ec.SECP256R1()).public_key()
     with pytest.raises(KeyNotExtractable, match="cannot leave the HSM"):
         ec_key.exchange(ec.ECDH(), peer)
+    # what the README lists as unusable: libraries that serialise or read the private key
+    cert = keys["ec"].self_signed("CN=p12", days=1)
+    with pytest.raises(KeyNotExtractable):
+        pkcs12.serialize_key_and_certificates(
+            b"n", ec_key, cert, None, serialization.NoEncryption()
+        )
+    with pytest.raises(KeyNotExtractable):
+        jwt.algorithms.ECAlgorithm.to_jwk(ec_key)
 
 
 def test_csr_builder_and_openssl(keys: dict[str, Key], tmp_path: Path) -> None:
