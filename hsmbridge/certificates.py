@@ -51,9 +51,10 @@ def parse_name(subject: str | x509.Name) -> x509.Name:
     try:
         name = x509.Name.from_rfc4514_string(subject.strip())
     except ValueError as exc:
+        detail = f" ({exc})" if str(exc) else ""
         raise InvalidInput(
-            f"cannot read the subject {subject!r} ({exc}); write it as RFC 4514, "
-            "e.g. 'CN=api.example.com,O=Example,C=DE'"
+            f"cannot read the subject {subject!r}{detail}; write it as RFC 4514 with "
+            "attributes such as CN, O, OU, L, ST, C, e.g. 'CN=api.example.com,O=Example,C=DE'"
         ) from None
     if not len(name):
         raise InvalidInput(f"the subject {subject!r} names nothing; give at least CN=...")

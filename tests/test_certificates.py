@@ -110,7 +110,13 @@ def test_lookup_by_subject_is_exact(hsm: HSM) -> None:
 
 @pytest.mark.parametrize(
     ("subject", "days", "says"),
-    [("", 1, "RFC 4514"), ("CN", 1, "RFC 4514"), ("CN=x", 0, "days"), ("CN=x", 10**6, "days")],
+    [
+        ("", 1, "RFC 4514"),
+        ("CN", 1, "RFC 4514"),
+        ("FOO=bar", 1, "such as CN"),
+        ("CN=x", 0, "days"),
+        ("CN=x", 10**6, "days"),
+    ],
 )
 def test_bad_subject_or_days(key: Key, subject: str, days: int, says: str) -> None:
     with pytest.raises(InvalidInput, match=says):
