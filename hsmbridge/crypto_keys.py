@@ -18,7 +18,7 @@ A key type is one class and one row of :data:`CLASSES`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -108,19 +108,43 @@ def _not_extractable(key: Key, what: str) -> NoReturn:
     )
 
 
-class HSMRSAPrivateKey(rsa.RSAPrivateKey):
-    """An RSA key in the HSM as a ``cryptography`` ``RSAPrivateKey``."""
+class _InsideHSM:
+    """What every HSM key class shares: the hsmbridge key, and nothing private to give."""
 
     def __init__(self, key: Key) -> None:
         self.hsm_key = key
-        self._public: rsa.RSAPublicKey | None = None
 
     def __repr__(self) -> str:
-        return f"<HSMRSAPrivateKey of {self.hsm_key!r}>"
+        return f"<{type(self).__name__} of {self.hsm_key!r}>"
 
     @property
     def key_size(self) -> int:
         return self.hsm_key.spec.size
+
+    def private_numbers(self) -> NoReturn:
+        _not_extractable(self.hsm_key, "give its private numbers")
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> NoReturn:
+        _not_extractable(self.hsm_key, "give its private key bytes")
+
+    def __copy__(self) -> Self:
+        return self  # a handle on one HSM key: nothing to copy
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+
+class HSMRSAPrivateKey(_InsideHSM, rsa.RSAPrivateKey):
+    """An RSA key in the HSM as a ``cryptography`` ``RSAPrivateKey``."""
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(key)
+        self._public: rsa.RSAPublicKey | None = None
 
     def public_key(self) -> rsa.RSAPublicKey:
         if self._public is None:
@@ -167,41 +191,17 @@ class HSMRSAPrivateKey(rsa.RSAPrivateKey):
             "use padding.OAEP(...) or padding.PKCS1v15()"
         )
 
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _not_extractable(self.hsm_key, "give its private numbers")
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_extractable(self.hsm_key, "give its private key bytes")
-
-    def __copy__(self) -> HSMRSAPrivateKey:
-        return self  # a handle on one HSM key: nothing to copy
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HSMRSAPrivateKey:
-        return self
-
-
-class HSMECPrivateKey(ec.EllipticCurvePrivateKey):
+class HSMECPrivateKey(_InsideHSM, ec.EllipticCurvePrivateKey):
     """An EC key in the HSM as a ``cryptography`` ``EllipticCurvePrivateKey``."""
 
     def __init__(self, key: Key) -> None:
-        self.hsm_key = key
+        super().__init__(key)
         self._public: ec.EllipticCurvePublicKey | None = None
-
-    def __repr__(self) -> str:
-        return f"<HSMECPrivateKey of {self.hsm_key!r}>"
 
     @property
     def curve(self) -> ec.EllipticCurve:
         return self.public_key().curve
-
-    @property
-    def key_size(self) -> int:
-        return self.hsm_key.spec.size
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         if self._public is None:
@@ -228,23 +228,6 @@ class HSMECPrivateKey(ec.EllipticCurvePrivateKey):
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         _not_extractable(self.hsm_key, "do an ECDH key exchange (hsmbridge keys sign only)")
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _not_extractable(self.hsm_key, "give its private numbers")
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_extractable(self.hsm_key, "give its private key bytes")
-
-    def __copy__(self) -> HSMECPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HSMECPrivateKey:
-        return self
 
 
 HSMPrivateKey = HSMRSAPrivateKey | HSMECPrivateKey

@@ -267,38 +267,34 @@ class Pkcs11Key(Key):
             )
         return bytes.fromhex(self.id)
 
-    def _fetch_certificate_der(self) -> bytes | None:
+    @contextlib.contextmanager
+    def _admin_doing(self, what: str) -> Iterator[Any]:
+        """The admin session, with python-pkcs11 errors translated as ``what`` failing."""
         with self.hsm.pool.admin() as session:
             try:
-                found = certs.of_key(session, self._key_id())
-                return bytes(found[0][Attribute.VALUE]) if found else None
+                yield session
             except HSMError:
                 raise
             except Exception as exc:
-                raise translate(exc, what="reading the certificate", key=self.label) from None
+                raise translate(exc, what=what, key=self.label) from None
+
+    def _fetch_certificate_der(self) -> bytes | None:
+        with self._admin_doing("reading the certificate") as session:
+            found = certs.of_key(session, self._key_id())
+            return bytes(found[0][Attribute.VALUE]) if found else None
 
     def _store_certificate(self, cert: x509.Certificate) -> None:
         key_id = self._key_id()
-        with self.hsm.pool.admin() as session:
-            try:
-                self._object_in(session)  # the key is still there
-                old = certs.of_key(session, key_id)
-                session.create_object(certs.template(cert, key_id, self.label))
-                for obj in old:
-                    obj.destroy()
-            except HSMError:
-                raise
-            except Exception as exc:
-                raise translate(exc, what="storing the certificate", key=self.label) from None
+        with self._admin_doing("storing the certificate") as session:
+            self._object_in(session)  # the key is still there
+            old = certs.of_key(session, key_id)
+            session.create_object(certs.template(cert, key_id, self.label))
+            for obj in old:
+                obj.destroy()
 
     def _delete_certificate(self) -> bool:
-        with self.hsm.pool.admin() as session:
-            try:
-                found = certs.of_key(session, self._key_id())
-                for obj in found:
-                    obj.destroy()
-            except HSMError:
-                raise
-            except Exception as exc:
-                raise translate(exc, what="deleting the certificate", key=self.label) from None
+        with self._admin_doing("deleting the certificate") as session:
+            found = certs.of_key(session, self._key_id())
+            for obj in found:
+                obj.destroy()
             return bool(found)
