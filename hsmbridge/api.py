@@ -368,11 +368,14 @@ class Key(abc.ABC):
 
     # -- cryptography and certificates ---------------------------------------------------
 
-    def private_key(self) -> HSMPrivateKey:
-        """This key as a ``cryptography`` private key whose sign/decrypt run in the HSM."""
+    def private_key(self, *, allow_pkcs1v15: bool = False) -> HSMPrivateKey:
+        """This key as a ``cryptography`` private key whose sign/decrypt run in the HSM.
+
+        RSA ``decrypt`` with ``PKCS1v15()`` needs ``allow_pkcs1v15=True`` (see :meth:`decrypt`).
+        """
         from .crypto_keys import private_key
 
-        return private_key(self)
+        return private_key(self, allow_pkcs1v15=allow_pkcs1v15)
 
     def certificate(self) -> x509.Certificate | None:
         """The certificate stored with this key in the HSM, or None."""

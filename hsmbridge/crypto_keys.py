@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as _padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from .errors import KeyNotExtractable, MechanismNotSupported
+from .errors import InvalidInput, KeyNotExtractable, MechanismNotSupported
 from .mechanisms import Mechanism
 
 if TYPE_CHECKING:
@@ -111,8 +111,10 @@ def _not_extractable(key: Key, what: str) -> NoReturn:
 class _InsideHSM:
     """What every HSM key class shares: the hsmbridge key, and nothing private to give."""
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, *, allow_pkcs1v15: bool = False) -> None:
         self.hsm_key = key
+        #: RSA: whether ``decrypt`` takes PKCS1v15 padding (a padding oracle; see Key.decrypt)
+        self.allow_pkcs1v15 = allow_pkcs1v15
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.hsm_key!r}>"
@@ -142,8 +144,8 @@ class _InsideHSM:
 class HSMRSAPrivateKey(_InsideHSM, rsa.RSAPrivateKey):
     """An RSA key in the HSM as a ``cryptography`` ``RSAPrivateKey``."""
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key)
+    def __init__(self, key: Key, *, allow_pkcs1v15: bool = False) -> None:
+        super().__init__(key, allow_pkcs1v15=allow_pkcs1v15)
         self._public: rsa.RSAPublicKey | None = None
 
     def public_key(self) -> rsa.RSAPublicKey:
@@ -177,7 +179,13 @@ class HSMRSAPrivateKey(_InsideHSM, rsa.RSAPrivateKey):
     def decrypt(self, ciphertext: Buffer, padding: _padding.AsymmetricPadding) -> bytes:
         """Decrypt in the HSM: PKCS1v15, or OAEP with MGF1 over the same hash and no label."""
         if isinstance(padding, _padding.PKCS1v15):
-            return self.hsm_key.decrypt(bytes(ciphertext), Mechanism.RSA_PKCS1)
+            if not self.allow_pkcs1v15:
+                raise InvalidInput(
+                    "PKCS1v15 decryption is a padding oracle (Bleichenbacher); use OAEP, or get "
+                    "the key with key.private_key(allow_pkcs1v15=True) if the sender can only "
+                    "encrypt with PKCS#1 v1.5"
+                )
+            return self.hsm_key.decrypt(bytes(ciphertext), Mechanism.RSA_PKCS1, allow_pkcs1v15=True)
         if isinstance(padding, _padding.OAEP):
             _check_mgf(padding.mgf, padding.algorithm, "RSA-OAEP decryption")
             if padding._label:
@@ -195,8 +203,8 @@ class HSMRSAPrivateKey(_InsideHSM, rsa.RSAPrivateKey):
 class HSMECPrivateKey(_InsideHSM, ec.EllipticCurvePrivateKey):
     """An EC key in the HSM as a ``cryptography`` ``EllipticCurvePrivateKey``."""
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key)
+    def __init__(self, key: Key, *, allow_pkcs1v15: bool = False) -> None:
+        super().__init__(key, allow_pkcs1v15=allow_pkcs1v15)
         self._public: ec.EllipticCurvePublicKey | None = None
 
     @property
@@ -238,8 +246,12 @@ CLASSES: dict[str, type[HSMRSAPrivateKey] | type[HSMECPrivateKey]] = {
 }
 
 
-def private_key(key: Key) -> HSMPrivateKey:
-    """``key`` as a ``cryptography`` private key whose operations run in the HSM."""
+def private_key(key: Key, *, allow_pkcs1v15: bool = False) -> HSMPrivateKey:
+    """``key`` as a ``cryptography`` private key whose operations run in the HSM.
+
+    ``allow_pkcs1v15``: RSA ``decrypt`` takes ``PKCS1v15()`` padding (opt-in, as
+    for :meth:`hsmbridge.api.Key.decrypt`).
+    """
     try:
         cls = CLASSES[key.key_type]
     except KeyError:
@@ -247,4 +259,4 @@ def private_key(key: Key) -> HSMPrivateKey:
             f"{key.key_type} keys have no cryptography private key class here; "
             f"key types with one: {', '.join(CLASSES)}"
         ) from None
-    return cls(key)
+    return cls(key, allow_pkcs1v15=allow_pkcs1v15)

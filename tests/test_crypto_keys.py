@@ -21,7 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
-from hsmbridge import EC, HSM, RSA, Key, KeyNotExtractable, MechanismNotSupported
+from hsmbridge import (
+    EC,
+    HSM,
+    RSA,
+    InvalidInput,
+    Key,
+    KeyNotExtractable,
+    MechanismNotSupported,
+)
 
 PEM = serialization.Encoding.PEM
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -143,9 +151,11 @@ def test_rsa_decrypt_maps_padding(keys: dict[str, Key]) -> None:
     public = private.public_key()
     oaep = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
     assert private.decrypt(public.encrypt(b"secret", oaep), oaep) == b"secret"
-    assert private.decrypt(public.encrypt(b"v15", padding.PKCS1v15()), padding.PKCS1v15()) == (
-        b"v15"
-    )
+    v15 = public.encrypt(b"v15", padding.PKCS1v15())
+    with pytest.raises(InvalidInput, match=r"private_key\(allow_pkcs1v15=True\)"):
+        private.decrypt(v15, padding.PKCS1v15())  # a padding oracle: opt-in only
+    opted_in = keys["rsa"].private_key(allow_pkcs1v15=True)
+    assert opted_in.decrypt(v15, padding.PKCS1v15()) == b"v15"
 
 
 @pytest.mark.parametrize(
