@@ -7,6 +7,7 @@ docstring): the loaded module, the session pool and the token's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from ..errors import (
     HSMError,
     InvalidInput,
     KeyExists,
+    KeyNotFound,
     TokenNotFound,
 )
 from ..mechanisms import Mechanism
@@ -251,16 +253,17 @@ class Pkcs11HSM(HSM):
             return self._infos(session)
 
     def _keys_with_certificate_subject(self, name: x509.Name) -> list[Key]:
-        """One search over the token's certificates, then the keys by CKA_ID."""
+        """One search over the token's certificates, then their keys by CKA_ID."""
         with self.pool.admin() as session:
             try:
                 key_ids = certs.key_ids_with_subject(session, name)
             except Exception as exc:
                 raise translate(exc, what="searching certificates") from None
-            found = [self._find(session, {Attribute.ID: key_id}) for key_id in key_ids]
-            return [
-                Pkcs11Key(self, self._info(objs[0]), int(objs[0].handle)) for objs in found if objs
-            ]
+        found: list[Key] = []
+        for key_id in key_ids:
+            with contextlib.suppress(KeyNotFound):  # a certificate without its key (a CA's)
+                found.append(self.get_key(key_id=key_id.hex()))
+        return found
 
     def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
         # CKA_TOKEN: never return the session-object copies made for batches.
