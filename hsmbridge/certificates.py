@@ -109,12 +109,18 @@ def check_belongs(cert: x509.Certificate, key: Key) -> None:
         )
 
 
-def signing_hash(key: Key) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
-    """The hash to sign certificates with: SHA-256 for RSA, the curve's own for EC."""
-    from .api import EC
+def signing_hash(key: Key) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
+    """The hash to sign certificates with: SHA-256 for RSA, the curve's own for EC,
+    None for Ed25519 (EdDSA signs the message itself)."""
+    from .api import EC, RSA
 
-    name = key.spec.curve_info.hash_name if isinstance(key.spec, EC) else "sha256"
-    return _HASHES[name]()
+    if isinstance(key.spec, RSA):
+        return hashes.SHA256()
+    if isinstance(key.spec, EC):
+        name = key.spec.curve_info.hash_name
+        assert name is not None
+        return _HASHES[name]()
+    return None
 
 
 def build_csr(

@@ -1,7 +1,7 @@
 """HSM keys as ``cryptography`` private keys (``key.private_key()``).
 
 The objects here *are* ``cryptography`` private keys — subclasses of
-``RSAPrivateKey`` and ``EllipticCurvePrivateKey`` — so code written for keys
+``RSAPrivateKey``, ``EllipticCurvePrivateKey`` and ``Ed25519PrivateKey`` — so code written for keys
 in memory takes them unchanged: the X.509 CSR, certificate and CRL builders,
 the PKCS#7 signature builder, PyJWT. Their ``sign`` (and RSA ``decrypt``)
 translate ``cryptography``'s padding, hash, ``Prehashed`` and ``ECDSA``
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as _padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
@@ -238,11 +238,34 @@ class HSMECPrivateKey(_InsideHSM, ec.EllipticCurvePrivateKey):
         _not_extractable(self.hsm_key, "do an ECDH key exchange (hsmbridge keys sign only)")
 
 
-HSMPrivateKey = HSMRSAPrivateKey | HSMECPrivateKey
+class HSMEd25519PrivateKey(_InsideHSM, ed25519.Ed25519PrivateKey):
+    """An Ed25519 key in the HSM as a ``cryptography`` ``Ed25519PrivateKey`` (pure EdDSA)."""
+
+    def __init__(self, key: Key, *, allow_pkcs1v15: bool = False) -> None:
+        super().__init__(key, allow_pkcs1v15=allow_pkcs1v15)
+        self._public: ed25519.Ed25519PublicKey | None = None
+
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        if self._public is None:
+            public = self.hsm_key.public_key()
+            assert isinstance(public, ed25519.Ed25519PublicKey)
+            self._public = public
+        return self._public
+
+    def sign(self, data: Buffer) -> bytes:
+        """Ed25519 in the HSM over the message itself (RFC 8032)."""
+        return self.hsm_key.sign(bytes(data), Mechanism.ED25519)
+
+    def private_bytes_raw(self) -> NoReturn:
+        _not_extractable(self.hsm_key, "give its private key bytes")
+
+
+HSMPrivateKey = HSMRSAPrivateKey | HSMECPrivateKey | HSMEd25519PrivateKey
 #: key type (``Key.key_type``) -> the ``cryptography`` private key class for it
-CLASSES: dict[str, type[HSMRSAPrivateKey] | type[HSMECPrivateKey]] = {
+CLASSES: dict[str, type[HSMPrivateKey]] = {
     "rsa": HSMRSAPrivateKey,
     "ec": HSMECPrivateKey,
+    "ed25519": HSMEd25519PrivateKey,
 }
 
 

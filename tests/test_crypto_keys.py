@@ -17,7 +17,7 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
@@ -25,6 +25,7 @@ from hsmbridge import (
     EC,
     HSM,
     RSA,
+    Ed25519,
     InvalidInput,
     Key,
     KeyNotExtractable,
@@ -41,6 +42,7 @@ def keys(hsm: HSM) -> Iterator[dict[str, Key]]:
     made = {
         "rsa": hsm.generate_key(RSA(2048), f"ck-rsa-{tag}", usage={"sign", "decrypt"}),
         "ec": hsm.generate_key(EC("P-256"), f"ck-ec-{tag}"),
+        "ed": hsm.generate_key(Ed25519(), f"ck-ed-{tag}"),
     }
     yield made
     for key in made.values():
@@ -226,7 +228,7 @@ def test_csr_builder_and_openssl(keys: dict[str, Key], tmp_path: Path) -> None:
             .add_extension(
                 x509.SubjectAlternativeName([x509.DNSName(f"{kind}.example")]), critical=False
             )
-            .sign(key.private_key(), hashes.SHA256())
+            .sign(key.private_key(), None if kind == "ed" else hashes.SHA256())
         )
         assert csr.is_signature_valid
         path = tmp_path / f"{kind}.csr"
@@ -283,9 +285,22 @@ def test_ca_leaf_crl_and_pkcs7_verified_by_openssl(keys: dict[str, Key], tmp_pat
     assert done.returncode != 0
 
 
-@pytest.mark.parametrize("algorithm", ["RS256", "PS256", "ES256"])
+def test_ed25519_key(keys: dict[str, Key], tmp_path: Path) -> None:
+    private = keys["ed"].private_key()
+    assert isinstance(private, ed25519.Ed25519PrivateKey)
+    private.public_key().verify(private.sign(b"pure EdDSA"), b"pure EdDSA")
+    with pytest.raises(KeyNotExtractable, match="cannot leave the HSM"):
+        private.private_bytes_raw()
+    cert = keys["ed"].self_signed("CN=ed25519.example", days=1)
+    (tmp_path / "ed.pem").write_bytes(cert.public_bytes(PEM))
+    done = _openssl("verify", "-CAfile", str(tmp_path / "ed.pem"), str(tmp_path / "ed.pem"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "PS256", "ES256", "EdDSA"])
 def test_pyjwt(keys: dict[str, Key], algorithm: str) -> None:
-    key = keys["ec" if algorithm.startswith("ES") else "rsa"]
+    kinds = {"RS": "rsa", "PS": "rsa", "ES": "ec", "Ed": "ed"}
+    key = keys[kinds[algorithm[:2]]]
     token = jwt.encode({"sub": "hsm"}, key.private_key(), algorithm=algorithm,
                        headers={"kid": key.jwk_thumbprint()})  # fmt: skip
     assert jwt.get_unverified_header(token)["kid"] == key.jwk_thumbprint()
