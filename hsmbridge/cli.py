@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
@@ -397,12 +398,31 @@ def _add_serve(add: Adder, common: _Parser) -> None:
     p.add_argument("--state-dir", required=True, help="where the database and TLS files live")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
+    p.add_argument(
+        "--allow-pin-in-argv",
+        action="store_true",
+        help="accept a pin-value= in --hsm although every local user can read it in ps",
+    )
     p.set_defaults(run=cmd_serve)
 
 
+#: a PIN written into a URI (RFC 7512 pin-value), wherever the attribute stands
+_PIN_VALUE = re.compile(r"(?i)[?&;:]pin-value=")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve; a PIN on the command line is refused: every local user can read the
+    arguments in ps for as long as the server runs (the environment is the
+    server user's own)."""
     from .server.run import serve
 
+    if not args.allow_pin_in_argv and any(_PIN_VALUE.search(a) for a in args.argv):
+        raise _UsageError(
+            "refusing a PIN in --hsm (pin-value=): every local user can read it in ps for as "
+            "long as the server runs. Give the PIN with HSMBRIDGE_PIN or pin-source=file:PATH "
+            "(a 0600 file), or put the URI in HSMBRIDGE_HSM; --allow-pin-in-argv accepts "
+            "the exposure."
+        )
     serve(_require_hsm(args), args.listen, args.state_dir, args.tls_cert, args.tls_key)
 
 
@@ -441,6 +461,7 @@ def _with_hsm(command: HSMCommand) -> Command:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what ps shows
     try:
         return args.run(args) or 0  # type: ignore[no-any-return]
     except _UsageError as exc:

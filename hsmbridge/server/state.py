@@ -161,6 +161,10 @@ class Store:
 
     # -- users ---------------------------------------------------------------------
 
+    def cached_user(self, user_id: str) -> UserRecord | None:
+        """The user's record if it is in the cache (no I/O, no lock), else None."""
+        return self._users.get(user_id)
+
     def get_user(self, user_id: str) -> UserRecord | None:
         """The user's record (shared and frozen), or None."""
         user = self._users.get(user_id)
