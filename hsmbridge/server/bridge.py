@@ -63,14 +63,14 @@ class Req:
         return data
 
 
-def parse_json(body: bytes, what: str = "the request body", limits: Limits = DEFAULT) -> Any:
+def parse_json(body: bytes | str, what: str = "the request body", limits: Limits = DEFAULT) -> Any:
     """JSON text as Python data; 400 for anything but valid JSON of valid Unicode.
 
     Nesting deeper than ``max_json_depth`` and strings with lone surrogates
     (``"\\ud800"``, which no encoder can write back) are malformed input too.
     """
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(body or "null")
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates raise
     except RecursionError:
         raise bad_request(f"{what} is nested too deeply") from None
