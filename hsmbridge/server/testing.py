@@ -117,9 +117,9 @@ def provision(bridge: BridgeServer) -> None:
 
 
 def start_bridge(
-    hsm: HSM, directory: Path, do_provision: bool, limits: Limits = DEFAULT
+    hsm: HSM, directory: Path, do_provision: bool, limits: Limits = DEFAULT, threads: int = 64
 ) -> BridgeServer:
-    server = start_in_thread(hsm, directory, limits=limits)
+    server = start_in_thread(hsm, directory, limits=limits, threads=threads)
     bridge = BridgeServer(
         server=server,
         hsm=hsm,
