@@ -21,7 +21,10 @@ def parse_multipart(
     content_type: str, body: bytes, limits: Limits = DEFAULT
 ) -> dict[str, str | bytes]:
     """Field name -> value (bytes for parts with a filename, else text); 400 if malformed."""
-    _, params = parse_options_header(content_type)
+    try:  # a header is latin-1 on the wire; anything else did not come from one
+        _, params = parse_options_header(content_type.encode("latin-1"))
+    except UnicodeEncodeError:
+        raise bad_request("the Content-Type header is not latin-1 text") from None
     boundary = params.get(b"boundary")
     if not boundary:
         raise bad_request("the multipart/form-data body has no boundary parameter")
