@@ -24,6 +24,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -321,13 +322,9 @@ def app(pkcs11_hsm: hsmbridge.HSM) -> Iterator[_InProcess]:
 
 
 def _fill(template: str, values: list[str]) -> str:
-    out = template
-    for value in values:
-        start = out.find("{")
-        if start < 0:
-            break
-        out = out[:start] + value + out[out.index("}", start) + 1 :]
-    return PREFIX + out
+    """The route template with its ``{Name}`` parameters replaced by ``values`` in order."""
+    supply = iter(values)
+    return PREFIX + re.sub(r"\{\w+\}", lambda _: next(supply, "x"), template)
 
 
 requests_ = st.tuples(

@@ -36,6 +36,21 @@ def _session(cert: Path) -> requests.Session:
     return s
 
 
+def _wait_until_serving(process: subprocess.Popen[bytes], url: str, cert: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate(timeout=5)[0].decode()
+        assert time.monotonic() < deadline, "the server did not come up"
+        if cert.exists():
+            try:
+                with _session(cert) as s:
+                    s.get(f"{url}/health/state", timeout=2)
+                return
+            except requests.RequestException:
+                pass
+        time.sleep(0.1)
+
+
 def _run(token: SoftToken, state: Path) -> str:
     """Start serve(), wait until it answers, exercise it, SIGTERM it; return its output."""
     port = _free_port()
@@ -45,18 +60,7 @@ def _run(token: SoftToken, state: Path) -> str:
     url = f"https://127.0.0.1:{port}/api/v1"
     cert = state / "tls-cert.pem"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate(timeout=5)[0].decode()
-            assert time.monotonic() < deadline, "serve() did not come up"
-            if cert.exists():
-                try:
-                    with _session(cert) as s:
-                        s.get(f"{url}/health/state", timeout=2)
-                    break
-                except requests.RequestException:
-                    pass
-            time.sleep(0.1)
+        _wait_until_serving(process, url, cert)
         _exercise(url, cert)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -135,16 +139,7 @@ def test_cli_serve_logs_recovery_and_keeps_its_state_private(
     )
     cert = state / "tls-cert.pem"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate(timeout=5)[0].decode()
-            assert time.monotonic() < deadline, "hsmbridge serve did not come up"
-            try:
-                with _session(cert) as s:
-                    s.get(f"https://127.0.0.1:{port}/api/v1/health/state", timeout=2)
-                break
-            except (requests.RequestException, OSError):
-                time.sleep(0.1)
+        _wait_until_serving(process, f"https://127.0.0.1:{port}/api/v1", cert)
         modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
         assert state.stat().st_mode & 0o777 == 0o700
         assert {"hsmbridge-server.sqlite3-wal", "tls-key.pem", "tls-cert.pem"} <= set(modes)
