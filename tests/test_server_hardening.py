@@ -154,26 +154,53 @@ def test_idle_connections_do_not_take_the_server(bridge_factory: Factory) -> Non
         assert all(read_until_closed(s, 15) == b"" for s in idle)
 
 
-def test_slow_headers_are_cut_off(bridge_factory: Factory) -> None:
-    """A request trickling in a byte at a time gets 408 at the header deadline."""
+def _trickle(s: ssl.SSLSocket, limit: float = 15) -> bytes:
+    """Send header bytes slowly, never ending the headers; what the server answers."""
+    s.sendall(b"GET /api/v1/health/state HTTP/1.1\r\nHost: x\r\n")
+    start, answer = time.monotonic(), b""
+    with pytest.raises((BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError)):
+        while time.monotonic() - start < limit:
+            s.sendall(b"X")  # never the blank line that ends the headers
+            s.settimeout(0.3)
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk:
+                raise ConnectionResetError("closed")
+    return answer
+
+
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_slow_headers_are_cut_off(bridge_factory: Factory, after_a_request: bool) -> None:
+    """Headers trickling in a byte at a time get 408 at the header deadline, on a new
+    connection and on a keep-alive one after a complete request."""
     bridge = bridge_factory(provision=False, limits=Limits(header_timeout=1.5))
     with sockets([tls_socket(bridge)]) as (s,):
-        s.sendall(b"GET /api/v1/health/state HTTP/1.1\r\nHost: x\r\n")
-        start = time.monotonic()
-        answer = b""
-        with pytest.raises((BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError)):
-            while time.monotonic() - start < 15:
-                s.sendall(b"X")  # never the blank line that ends the headers
-                s.settimeout(0.3)
-                try:
-                    chunk = s.recv(65536)
-                except TimeoutError:
-                    continue
-                answer += chunk
-                if not chunk:
-                    raise ConnectionResetError("closed")
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert b'"message"' in answer
+        if after_a_request:
+            s.sendall(b"GET /api/v1/health/state HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(TIMEOUT)
+            first = b""
+            while not first.endswith(b'{"state":"Unprovisioned"}'):
+                first += s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+        answer = _trickle(s)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"headers did not arrive" in answer
+
+
+def test_slow_bodies_are_cut_off(bridge_factory: Factory) -> None:
+    bridge = bridge_factory(provision=False, limits=Limits(body_timeout=1.5))
+    with sockets([tls_socket(bridge)]) as (s,):
+        s.sendall(
+            b"POST /api/v1/provision HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"unlockPassphrase": '
+        )
+        answer = read_until_closed(s, 15)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body did not arrive" in answer
+    assert request(bridge, "GET", "/health/state")[1] == {"state": "Unprovisioned"}
 
 
 @pytest.mark.parametrize(

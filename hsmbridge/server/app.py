@@ -7,8 +7,8 @@ request is admitted only while fewer than ``max_requests`` are in progress
 those); then the state is checked and the caller authenticated *before* any
 body is read, so nobody without credentials can make the server read, buffer
 or parse more than a header. Bodies have one size cap whatever their content
-type (``max_public_body`` on the unauthenticated routes), a time limit, and
-are parsed — JSON, or multipart only on the routes that take forms — in a
+type (``max_public_body`` on the unauthenticated routes) and a time limit
+(the connection's), and are parsed — JSON, or multipart only on the routes that take forms — in a
 worker thread with the handler (HSM calls and argon2 block). A response to a
 request whose body was not read closes the connection. Every error becomes
 NetHSM's ``{"message": ...}`` body in one place.
@@ -283,29 +283,29 @@ def _has_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers or (length is not None and length.strip() != "0")
 
 
-async def _read_body(receive: Receive, headers: Headers, limit: int, timeout: float) -> bytes:
-    """The whole body, whatever its content type: 413 beyond ``limit``, 408 after ``timeout`` s."""
+async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+    """The whole body, whatever its content type: 413 beyond ``limit``.
+
+    A body that stops arriving is cut off by the connection's body deadline
+    (:mod:`hsmbridge.server.connections`), which then reads as a disconnect.
+    """
     too_large = ApiError(413, f"the request body is larger than {limit} bytes")
     length = headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise too_large
     chunks = []
     size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _base_url(scope: Scope) -> str:
@@ -377,7 +377,7 @@ class BridgeApp:
             body = b""
             if op.body != NO_BODY:
                 limit = self.limits.max_body if op.roles else self.limits.max_public_body
-                body = await _read_body(receive, headers, limit, self.limits.body_timeout)
+                body = await _read_body(receive, headers, limit)
                 unread[0] = False
         except ApiError as exc:
             return error_response(exc)

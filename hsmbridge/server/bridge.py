@@ -69,14 +69,17 @@ def parse_json(body: bytes | str, what: str = "the request body", limits: Limits
     Nesting deeper than ``max_json_depth`` and strings with lone surrogates
     (``"\\ud800"``, which no encoder can write back) are malformed input too.
     """
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
     try:
         data = json.loads(body or "null")
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates raise
+        if b"\\u" in raw or b"\xed" in raw:  # the only ways to spell a surrogate
+            json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates raise
     except RecursionError:
         raise bad_request(f"{what} is nested too deeply") from None
     except (ValueError, UnicodeError):
         raise bad_request(f"{what} is not valid JSON (UTF-8, no lone surrogates)") from None
-    if _depth(data) > limits.max_json_depth:
+    nesting = raw.count(b"[") + raw.count(b"{")  # an upper bound of the depth, in C
+    if nesting > limits.max_json_depth and _depth(data) > limits.max_json_depth:
         raise bad_request(f"{what} is nested deeper than {limits.max_json_depth} levels")
     return data
 

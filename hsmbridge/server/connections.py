@@ -12,7 +12,8 @@ a time) can take the server away from everyone else. Here:
   handshake itself (``loop.start_tls``), so handshaking connections count too.
 - The handshake and the first request's headers must be done within
   ``header_timeout`` of the accept; every later request's headers within
-  ``header_timeout`` of its first byte; an idle keep-alive connection closes
+  ``header_timeout`` of its first byte, and a body within ``body_timeout`` of
+  the end of its headers (else 408); an idle keep-alive connection closes
   after ``keep_alive_timeout``.
 - :class:`HttpConnection` (uvicorn's httptools protocol) answers 431 for more
   than ``max_headers`` header lines or ``max_headers_bytes`` of request line
@@ -44,6 +45,8 @@ def client_key(address: str | None) -> str:
     """Who a connection or request is accounted to: its address, IPv6 by /64."""
     if not address:
         return "unknown"
+    if ":" not in address:  # IPv4, as the socket reports it: already canonical
+        return address
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -177,7 +180,12 @@ class _Handshake(asyncio.Protocol):
 
 
 class HttpConnection(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header deadlines, header limits and accounting."""
+    """uvicorn's httptools protocol with header and body deadlines, header limits and
+    accounting.
+
+    Deadlines cost nothing in the common case: a timer is armed only when a
+    read ends with a request's headers (or body) still incomplete.
+    """
 
     def __init__(
         self, guard: ConnectionGuard, client: str, deadline: float, **uvicorn_args: Any
@@ -188,9 +196,11 @@ class HttpConnection(HttpToolsProtocol):
         self.limits = guard.limits
         #: decrypted data start_tls delivered before it returned (see connection_made)
         self._early: list[bytes] | None = []
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._first_deadline = deadline
-        self._awaiting_headers = True
+        #: between the end of a request (or the connection's start) and the next one's headers
+        self._in_headers = True
+        self._header_start: float | None = None  # loop time of the headers' first byte
         self._raw_header_bytes = 0
         self._header_bytes = 0
         self._header_count = 0
@@ -201,7 +211,7 @@ class HttpConnection(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_timer = self.loop.call_at(self._first_deadline, self._headers_too_slow)
+        self._timer = self.loop.call_at(self._first_deadline, self._too_slow)
         # start_tls hands over decrypted data as soon as the handshake ends, which can be
         # before the coroutine that called it resumes and calls this.
         early, self._early = self._early, None
@@ -209,7 +219,7 @@ class HttpConnection(HttpToolsProtocol):
             self.data_received(chunk)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
+        self._cancel_timer()
         self.guard.idle.pop(self, None)
         if not self._released:
             self._released = True
@@ -228,24 +238,21 @@ class HttpConnection(HttpToolsProtocol):
             self._early.append(data)
             return
         self.guard.idle.pop(self, None)
-        if self._awaiting_headers:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(
-                    self.limits.header_timeout, self._headers_too_slow
-                )
+        if self._in_headers:
+            if self._header_start is None:
+                self._header_start = self.loop.time()
             self._raw_header_bytes += len(data)
         super().data_received(data)
-        if (
-            self._awaiting_headers
-            and self._raw_header_bytes > self.limits.max_header_bytes
-            and not self.transport.is_closing()
-        ):
-            self._send_error(431, self._too_large())
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._awaiting_headers = True
-        self._header_bytes = self._header_count = 0
+        if self.transport.is_closing() or self._timer is not None:
+            return
+        if self._in_headers:
+            if self._raw_header_bytes > self.limits.max_header_bytes:
+                self._send_error(431, self._too_large())
+            elif self._header_start is not None:
+                deadline = self._header_start + self.limits.header_timeout
+                self._timer = self.loop.call_at(deadline, self._too_slow)
+        elif self.cycle is not None and self.cycle.more_body:
+            self._timer = self.loop.call_later(self.limits.body_timeout, self._too_slow)
 
     def on_url(self, url: bytes) -> None:
         self._count_header_bytes(len(url))
@@ -260,10 +267,16 @@ class HttpConnection(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._awaiting_headers = False
-        self._raw_header_bytes = 0
-        self._cancel_header_timer()
+        self._in_headers = False
+        self._header_start = None
+        self._raw_header_bytes = self._header_bytes = self._header_count = 0
+        self._cancel_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_headers = True  # what follows is the next request
+        self._cancel_timer()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -286,20 +299,24 @@ class HttpConnection(HttpToolsProtocol):
     def _too_large(self) -> str:
         return f"request line and headers are larger than {self.limits.max_header_bytes} bytes"
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
+    def _too_slow(self) -> None:
+        """A deadline passed: headers (or a body) still incomplete, or nothing sent at all."""
+        self._timer = None
         if self.transport.is_closing():
             return
-        if self._raw_header_bytes:
+        if not self._in_headers:
+            secs = self.limits.body_timeout
+            self._send_error(408, f"the request body did not arrive within {secs:g} s")
+        elif self._raw_header_bytes:
             secs = self.limits.header_timeout
             self._send_error(408, f"the request headers did not arrive within {secs:g} s")
         else:
             self.transport.close()
 
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _send_error(self, status: int, message: str) -> None:
         """A JSON error and the end of the connection (the request was not read to its end)."""

@@ -47,7 +47,7 @@ class Limits:
     max_body: int = 2 * 1024 * 1024
     #: bytes of a body on the unauthenticated routes (/provision, /unlock)
     max_public_body: int = 64 * 1024
-    #: seconds to receive a whole body once the request is admitted
+    #: seconds from the end of a request's headers to the end of its body
     body_timeout: float = 30.0
     #: parts of a multipart form (PEM key import: ``arguments`` and ``key_file``)
     max_form_parts: int = 8
