@@ -11,6 +11,7 @@ working connect from another loopback address (127.0.0.2) than the attacker
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import json
 import socket
@@ -522,3 +523,22 @@ def test_pem_import_is_bounded_and_rebuilt_from_primes(bridge_server: BridgeServ
             request(bridge_server, "DELETE", f"/keys/{key_id}", auth=admin)
         else:
             assert status == 400 and answer is not None and status_text in answer["message"]
+
+
+def test_four_lane_hashes_are_rehashed_to_one_lane(bridge_factory: Factory) -> None:
+    """A hash from before (argon2-cffi's default, 4 lanes = 4 threads per check) is replaced
+    at the next successful login, so one check is one thread; a changed hash is kept."""
+    import argon2
+
+    bridge = bridge_factory()
+    store = bridge.server.bridge.store
+    old_hasher = argon2.PasswordHasher(parallelism=4)
+    user = store.get_user("operator")
+    assert user is not None
+    old_hash = old_hasher.hash(bridge.operator.passphrase)
+    store.update_user(dataclasses.replace(user, pass_hash=old_hash))
+    assert request(bridge, "POST", "/random", {"length": 4}, bridge.operator.auth)[0] == 200
+    user = store.get_user("operator")
+    assert user is not None and argon2.extract_parameters(user.pass_hash).parallelism == 1
+    assert request(bridge, "POST", "/random", {"length": 4}, bridge.operator.auth)[0] == 200
+    assert not store.replace_hash("operator", old_hash, "not-applied")  # changed meanwhile

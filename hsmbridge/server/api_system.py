@@ -65,7 +65,14 @@ def unlock(b: Bridge, req: Req) -> Response:
     if not isinstance(passphrase, str):
         raise bad_request("passphrase must be a string")
     stored = b.store.get_setting("unlock_hash")
-    if not b.passphrases.check(req.client, UNLOCK, passphrase, stored, remember=False):
+    if not b.passphrases.check(
+        req.client,
+        UNLOCK,
+        passphrase,
+        stored,
+        remember=False,
+        upgrade=lambda new: stored is not None and b.store.replace_hash(None, stored, new),
+    ):
         raise ApiError(403, "unlock failed: wrong unlock passphrase")
     b.set_state(LOCKED, OPERATIONAL)
     return Response(status_code=204)

@@ -12,7 +12,10 @@ makes every unchecked login attempt an amplifier. So:
   verification beyond that is answered 503 at once (a hash for an
   administrator's change waits for a slot a few seconds). Hashing memory is
   thus at most ``argon2_concurrency x argon2_memory_kib``, and stored hashes
-  with larger parameters are refused rather than computed.
+  with larger parameters are refused rather than computed. Hashes use one
+  lane (``argon2_parallelism`` 1), so one computation is one thread and the
+  bound is a bound on cores too; hashes made with other parameters (four
+  lanes, by older versions) are re-hashed at their next successful check.
 - Every unverified check first reserves, atomically, a slot: one check at a
   time per (client, user) — a concurrent attempt with the same passphrase
   waits for that check's result, one with another passphrase gets 429 — none
@@ -33,6 +36,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import argon2
@@ -174,6 +178,23 @@ class Passphrases:
         finally:
             self._gate.release()
 
+    def _upgraded(
+        self, passphrase: str, stored_hash: str, upgrade: Callable[[str], bool] | None
+    ) -> str:
+        """The hash to remember: a re-hash with this server's parameters if stored."""
+        if upgrade is None or not self._hasher.check_needs_rehash(stored_hash):
+            return stored_hash
+        if not self._gate.acquire(blocking=False):
+            return stored_hash  # next time
+        try:
+            new_hash = self._hasher.hash(_utf8(passphrase))
+        finally:
+            self._gate.release()
+        if not upgrade(new_hash):
+            return stored_hash
+        log.info("re-hashed a passphrase with the server's argon2 parameters")
+        return new_hash
+
     def _verify(self, stored_hash: str, passphrase: str) -> bool:
         """argon2 verification; the caller holds a gate slot."""
         try:
@@ -216,11 +237,15 @@ class Passphrases:
         stored_hash: str | None,
         *,
         remember: bool = True,
+        upgrade: Callable[[str], bool] | None = None,
     ) -> bool:
         """Is ``passphrase`` right for ``subject`` (a user, or ``<unlock>``)?
 
         ``stored_hash`` None means the subject does not exist: the check costs the
         same and fails. 429 when throttled, 503 when every argon2 slot is busy.
+        A right passphrase whose hash has other parameters than this server's is
+        re-hashed (when a slot is free) and handed to ``upgrade``, which stores
+        it and says whether it did.
         """
         if stored_hash is not None and remember and self.known(subject, passphrase, stored_hash):
             return True
@@ -240,9 +265,11 @@ class Passphrases:
                 ok = ok and stored_hash is not None
             finally:
                 self._gate.release()
-            if ok and remember and stored_hash is not None:
-                with self._lock:
-                    self._verified[subject] = (mac, stored_hash)
+            if ok and stored_hash is not None:
+                stored_hash = self._upgraded(passphrase, stored_hash, upgrade)
+                if remember:
+                    with self._lock:
+                        self._verified[subject] = (mac, stored_hash)
             return ok
         finally:
             self._finish(client, subject, attempt, ok)

@@ -205,7 +205,12 @@ class Bridge:
         throttled, 503 when every argon2 slot is busy."""
         user_id, passphrase = _credentials(authorization)
         user = self.store.get_user(user_id)
-        ok = self.passphrases.check(client, user_id, passphrase, user.pass_hash if user else None)
+        stored = user.pass_hash if user else None
+
+        def upgrade(new_hash: str) -> bool:  # called only for a right passphrase
+            return stored is not None and self.store.replace_hash(user_id, stored, new_hash)
+
+        ok = self.passphrases.check(client, user_id, passphrase, stored, upgrade=upgrade)
         if not ok or user is None:
             raise ApiError(
                 401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}

@@ -164,6 +164,9 @@ class _Handshake(asyncio.Protocol):
                 self.guard.ssl_context,
                 server_side=True,
                 ssl_handshake_timeout=max(0.01, deadline - loop.time()),
+                # a closing connection waits this long for the client's close_notify
+                # (asyncio's default is 30 s, during which the connection still counts)
+                ssl_shutdown_timeout=self.guard.limits.header_timeout,
             )
         except BaseException as exc:  # handshake failed, timed out, or the server stops
             transport.abort()
@@ -280,8 +283,14 @@ class HttpConnection(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
-            self.guard.idle[self] = None
+        if not self.transport.is_closing():
+            if not self.pipeline:
+                self.guard.idle[self] = None
+        elif self.cycle is not None and self.cycle.more_body:
+            # answered without reading the body (401, 413, ...): the client may still be
+            # sending it; give it a moment to read the answer, then stop reading (and
+            # decrypting) the rest
+            self.loop.call_later(self.limits.unread_body_linger, self.transport.abort)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request it cannot parse, or to a limit hit while parsing."""

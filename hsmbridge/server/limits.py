@@ -33,8 +33,9 @@ class Limits:
     keep_alive_timeout: float = 15.0
     #: open connections (handshaking, busy or idle) per client address (IPv6: per /64)
     connections_per_client: int = 64
-    #: open connections in total; at the cap the longest-idle keep-alive one is closed
-    max_connections: int = 2048
+    #: open connections in total; at the cap the longest-idle keep-alive one is closed.
+    #: Each TLS connection holds ~300 KiB (asyncio's 256 KiB read buffer, OpenSSL)
+    max_connections: int = 1024
     #: bytes of request line plus headers
     max_header_bytes: int = 16 * 1024
     #: header lines per request
@@ -49,6 +50,9 @@ class Limits:
     max_public_body: int = 64 * 1024
     #: seconds from the end of a request's headers to the end of its body
     body_timeout: float = 30.0
+    #: seconds a connection answered before its body was read lingers, so the client
+    #: can read the answer, before the rest of the body is cut off unread
+    unread_body_linger: float = 1.0
     #: parts of a multipart form (PEM key import: ``arguments`` and ``key_file``)
     max_form_parts: int = 8
     #: nesting depth of a JSON body (the API needs 3)
@@ -61,7 +65,8 @@ class Limits:
     #: hashing memory never exceeds argon2_concurrency x this
     argon2_memory_kib: int = 64 * 1024
     argon2_time_cost: int = 3
-    argon2_parallelism: int = 4
+    #: lanes (= threads) of one computation: 1, so argon2_concurrency bounds cores too
+    argon2_parallelism: int = 1
     #: passphrase checks a client may fail in a burst, whatever user names it tries
     failure_burst: int = 10
     #: failed checks per second a client regains (its sustained guessing rate)

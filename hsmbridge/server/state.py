@@ -195,6 +195,20 @@ class Store:
         with self.transaction() as tx:
             Store.put_user(tx, user)
 
+    def replace_hash(self, user_id: str | None, old: str, new: str) -> bool:
+        """Swap a passphrase hash (a user's; the unlock passphrase's for None) for a
+        re-hash of the same passphrase, unless it changed meanwhile."""
+        with self.transaction() as tx:
+            if user_id is None:
+                cursor = tx.execute(
+                    "UPDATE settings SET value=? WHERE name='unlock_hash' AND value=?", (new, old)
+                )
+            else:
+                cursor = tx.execute(
+                    "UPDATE users SET pass_hash=? WHERE id=? AND pass_hash=?", (new, user_id, old)
+                )
+            return cursor.rowcount == 1
+
     def delete_user(self, user_id: str) -> None:
         with self.transaction() as tx:
             tx.execute("DELETE FROM users WHERE id=?", (user_id,))
