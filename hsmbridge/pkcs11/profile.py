@@ -16,7 +16,9 @@ repository's conformance runs (docs/tokens.md):
   or ``max_sessions=`` says otherwise;
 - whether the module answers bad padding with CKR_GENERAL_ERROR /
   CKR_FUNCTION_FAILED (SoftHSM2 does). Elsewhere those codes mean "the token
-  failed", not "the ciphertext is corrupt".
+  failed", not "the ciphertext is corrupt";
+- whether it enforces CKA_ALLOWED_MECHANISMS as written (tpm2-pkcs11 1.9
+  accepts the attribute, then refuses CKM_RSA_PKCS signing the list allows).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class ModuleFacts:
     #: bad RSA padding comes back as CKR_GENERAL_ERROR / CKR_FUNCTION_FAILED
     bad_padding_as_general_error: bool
     note: str = ""
+    #: keys may carry CKA_ALLOWED_MECHANISMS (tpm2-pkcs11 1.9 then refuses
+    #: CKM_RSA_PKCS signing although the list allows it)
+    allowed_mechanisms_honoured: bool = True
 
 
 #: (library manufacturer or None, token manufacturer or None, token model or None) -> facts.
@@ -64,6 +69,7 @@ MEASURED: dict[tuple[str | None, str | None, str | None], ModuleFacts] = {
         "tpm2-pkcs11",
         concurrent_sessions=False,
         bad_padding_as_general_error=False,
+        allowed_mechanisms_honoured=False,
         note=(
             "unproven: tpm2-pkcs11 issue #843 reports two sessions breaking it; here 2 and 4 "
             "sessions passed 400 operations each but were slower than one (the TPM is serial)"
@@ -159,5 +165,7 @@ def build_profile(module: LoadedModule, token: Any, requested: int | None) -> To
             "set x-max-sessions=N in the URI or max_sessions=N to use more"
         )
         log.info("token %r: one session (%s)", token.label, reason)
-    quirks = _template_quirks.setdefault(module.path, TemplateQuirks())
+    quirks = _template_quirks.setdefault(
+        module.path, TemplateQuirks(allowed_mechanisms=facts.allowed_mechanisms_honoured)
+    )
     return TokenProfile(module, facts, sessions, reason, quirks)

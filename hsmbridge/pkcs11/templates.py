@@ -74,11 +74,14 @@ PRIVATE_USAGE: dict[Attribute, str | None] = {
     Attribute.UNWRAP: None,
     Attribute.DERIVE: None,
 }
-#: Key-separation attributes a PKCS#11 2.20 module may not know.
-SEPARATION = (Attribute.ALLOWED_MECHANISMS, Attribute.COPYABLE, Attribute.MODIFIABLE)
+#: Key-separation attributes a PKCS#11 2.20 module may not know (CKA_MODIFIABLE
+#: false, which every version has, is kept whatever the module refuses).
+SEPARATION = (Attribute.ALLOWED_MECHANISMS, Attribute.COPYABLE)
 
-#: The templates tried, in order: (usages not asked for set false, separation attributes).
-FALLBACKS = ((True, True), (False, True), (False, False))
+#: The templates tried, in order: (usages not asked for set false, separation
+#: attributes). Usages set false matter more than the separation attributes
+#: (a key that may decrypt when it should only sign), so they are given up last.
+FALLBACKS = ((True, True), (True, False), (False, True), (False, False))
 
 #: What a module answers when it will not take a template as given.
 TEMPLATE_REFUSED = (
@@ -102,6 +105,9 @@ class TemplateQuirks:
     learned: bool = False
     #: what the module refused, for messages and ``hsmbridge info``
     refused: str | None = None
+    #: False where the module mis-enforces CKA_ALLOWED_MECHANISMS (measured:
+    #: tpm2-pkcs11 1.9 then refuses CKM_RSA_PKCS signing the list allows)
+    allowed_mechanisms: bool = True
 
 
 def _usage_flags(
@@ -120,6 +126,7 @@ def key_pair_templates(
     modifiable: bool = False,
     explicit_false: bool = True,
     separation: bool = True,
+    with_allowed: bool = True,
 ) -> tuple[Template, Template]:
     """(public template, private template) for C_GenerateKeyPair / C_CreateObject.
 
@@ -127,7 +134,8 @@ def key_pair_templates(
     ``modifiable=True`` is for keys whose attributes must change later (e.g. an
     end date set at rotation). ``explicit_false=False`` leaves the usages not
     asked for to the module's defaults; ``separation=False`` leaves out
-    :data:`SEPARATION` (for modules that refuse them).
+    :data:`SEPARATION` (for modules that refuse them); ``with_allowed=False``
+    leaves out CKA_ALLOWED_MECHANISMS alone.
     """
     public = {
         Attribute.TOKEN: True,
@@ -145,10 +153,11 @@ def key_pair_templates(
         Attribute.LABEL: label,
         **_usage_flags(PRIVATE_USAGE, usage, explicit_false),
     }
+    private[Attribute.MODIFIABLE] = modifiable
     if separation:
-        private[Attribute.ALLOWED_MECHANISMS] = sorted(set(allowed))
+        if with_allowed:
+            private[Attribute.ALLOWED_MECHANISMS] = sorted(set(allowed))
         private[Attribute.COPYABLE] = False
-        private[Attribute.MODIFIABLE] = modifiable
     return public, private
 
 
@@ -189,7 +198,13 @@ def generate_with_templates(
     for step in range(quirks.step, len(FALLBACKS)):
         explicit_false, separation = FALLBACKS[step]
         templates = key_pair_templates(
-            key_id, label, usage, allowed, explicit_false=explicit_false, separation=separation
+            key_id,
+            label,
+            usage,
+            allowed,
+            explicit_false=explicit_false,
+            separation=separation,
+            with_allowed=quirks.allowed_mechanisms,
         )
         try:
             result = generate(*templates)
