@@ -480,6 +480,11 @@ def test_nss_softokn_opens_with_init_arguments(tmp_path: Path, caplog: Any) -> N
     )
     with hsmbridge.open(uri, pin="nss-pin-1") as hsm:
         key = hsm.generate_key(RSA(2048), f"nss-{uuid.uuid4().hex[:6]}", usage="decrypt")
+        # NSS refuses CKA_ALLOWED_MECHANISMS/CKA_COPYABLE (measured): the template
+        # steps down once, and the usage flags still hold in the token
+        assert isinstance(hsm, Pkcs11HSM)
+        assert "CKA_ALLOWED_MECHANISMS" in (hsm.profile.templates.refused or "")
+        assert {i.label: i.usage for i in hsm.list_keys()}[key.label] == {"decrypt"}
         public = serialization.load_pem_public_key(key.public_key_pem().encode())
         ciphertext = crypto_encrypt(public, b"nss", Mechanism.RSA_OAEP_SHA256)
         assert key.decrypt(ciphertext, "rsa-oaep-sha256") == b"nss"
