@@ -252,7 +252,7 @@ def test_open_with_an_object_exposes_the_key(
 
 
 def test_supported_mechanisms_are_probed_before_any_decrypt(softhsm_token: SoftToken) -> None:
-    """SoftHSM2 lists CKM_RSA_PKCS_OAEP but does only SHA-1 (design.md fact 6)."""
+    """SoftHSM2 lists CKM_RSA_PKCS_OAEP but does only SHA-1 (docs/design.md, fact 6)."""
     with hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin) as hsm:
         offered = hsm.supported_mechanisms()
     assert Mechanism.RSA_OAEP_SHA1 in offered
