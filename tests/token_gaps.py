@@ -51,7 +51,10 @@ _NO_ED25519 = "no Ed25519 in this module (no CKM_EC_EDWARDS_KEY_PAIR_GEN)"
 GAPS: dict[str, Gaps] = {
     "softhsm2": SOFTHSM2,
     "p11-kit-proxy": SOFTHSM2,  # SoftHSM2 behind p11-kit
-    "p11-kit-client": SOFTHSM2,
+    "p11-kit-client": Gaps(
+        specs={"ed25519": "p11-kit 0.24's RPC (client to server) does not carry EdDSA mechanisms"},
+        mechanisms=SOFTHSM2.mechanisms,
+    ),
     "nethsm": SOFTHSM2,  # hsmbridge serve over SoftHSM2
     "opencryptoki": Gaps(
         specs={"p256": _OCK_EC, "p384": _OCK_EC, "p521": _OCK_EC, "ed25519": _NO_ED25519}
