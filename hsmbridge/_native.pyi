@@ -20,3 +20,15 @@ def run_batch(
     stop_on_error: bool = False,
     ecdsa_der: bool = False,
 ) -> list[bytes | int | None]: ...
+def ceiling(
+    module_path: str | bytes | os.PathLike[str],
+    op: int,
+    sessions: Sequence[int],
+    key_handle: int,
+    mechanism: int,
+    param: tuple[object, ...] | None,
+    input: bytes | bytearray | memoryview,
+    out_len: int,
+    count: int,
+    warmup: int = 1,
+) -> tuple[float, float, int]: ...
