@@ -67,6 +67,24 @@ class Target:
         assert self.workload.mechanism is not None
         return self.workload.mechanism
 
+    @property
+    def call(self) -> Callable[[bytes], bytes]:
+        """One operation through hsmbridge's key API."""
+        key, mech = self.key, self.mechanism
+        assert key is not None
+        if self.workload.kind == "sign":
+            return lambda m: key.sign(m, mech)
+        pkcs1 = mech is Mechanism.RSA_PKCS1  # opt-in: measuring it is knowing what it is
+        return lambda c: key.decrypt(c, mech, allow_pkcs1v15=pkcs1)
+
+    def batch(self, key: Key, items: list[bytes], threads: int) -> list[bytes]:
+        """A whole batch through ``key`` (this workload's key, or another handle on it)."""
+        mech = self.mechanism
+        if self.workload.kind == "sign":
+            return key.sign_batch(items, mech, threads=threads)
+        pkcs1 = mech is Mechanism.RSA_PKCS1
+        return key.decrypt_batch(items, mech, threads=threads, allow_pkcs1v15=pkcs1)
+
     def items(self, count: int, soft: bool = False) -> list[bytes]:
         pool = self.soft_inputs if soft else self.inputs
         return [pool[j % len(pool)] for j in range(count)]
@@ -133,7 +151,7 @@ def prepare(hsm: HSM, workload: Workload) -> Target:
         if workload.kind == "sign":
             target.inputs = [os.urandom(32) for _ in range(MESSAGES)]
             target.soft_inputs = target.inputs
-            signature = key.sign(target.inputs[0], mech)
+            signature = target.call(target.inputs[0])
             _verify(key.public_key(), mech, signature, target.inputs[0])
         else:
             pad = _decryption_padding(mech)
@@ -142,7 +160,7 @@ def prepare(hsm: HSM, workload: Workload) -> Target:
             assert isinstance(public, rsa.RSAPublicKey)
             target.inputs = [public.encrypt(p, pad) for p in plain]
             target.soft_inputs = [soft.public_key().encrypt(p, pad) for p in plain]
-            if key.decrypt(target.inputs[0], mech) != plain[0]:
+            if target.call(target.inputs[0]) != plain[0]:
                 raise HSMError(f"{workload.name}: the HSM decrypted to something else")
     except BaseException:
         key.delete()
@@ -179,9 +197,8 @@ def common(target: Target) -> list[Contender]:
     assert key is not None
 
     def single(threads: int, count: int) -> Sample:
-        items = target.items(count)
-        call = key.sign if target.workload.kind == "sign" else key.decrypt
-        return parallel(threads, count, each(lambda j: call(items[j], mech)))
+        items, call = target.items(count), target.call
+        return parallel(threads, count, each(lambda j: call(items[j])))
 
     def soft(threads: int, count: int) -> Sample:
         items, op = target.items(count, soft=True), openssl_op(target.soft_key, mech)
@@ -196,9 +213,8 @@ def common(target: Target) -> list[Contender]:
 
 def batch(key: Key, target: Target, threads: int, count: int) -> Sample:
     """One ``sign_batch``/``decrypt_batch`` of ``count`` items on ``key``."""
-    items, mech = target.items(count), target.mechanism
-    call = key.sign_batch if target.workload.kind == "sign" else key.decrypt_batch
-    return timed(lambda: call(items, mech, threads=threads), count)
+    items = target.items(count)
+    return timed(lambda: target.batch(key, items, threads), count)
 
 
 def _keygen(target: Target, threads: int, count: int) -> Sample:

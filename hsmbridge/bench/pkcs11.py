@@ -10,11 +10,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pkcs11
 from pkcs11 import Mechanism as CKM
 from pkcs11 import ObjectClass
 
-from ..errors import HSMError
 from ..mechanisms import Mechanism, signing_input, signing_preparer
 from ..pkcs11 import Pkcs11HSM, Pkcs11Key
 from ..pkcs11 import ec as p11_ec
@@ -62,10 +60,7 @@ def _python_pkcs11(target: Target, key: Pkcs11Key, threads: int, count: int) -> 
             obj = pooled.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
             yield lambda j: op(obj, items[j])
 
-    try:
-        return parallel(threads, count, worker)
-    except pkcs11.PKCS11Error as exc:  # pragma: no cover - surfaced by prepare() first
-        raise HSMError(f"python-pkcs11 loop failed: {type(exc).__name__}") from None
+    return parallel(threads, count, worker)  # a failure comes back as an HSMError
 
 
 def _user_operation(hsm: Pkcs11HSM, kind: str, mech: Mechanism) -> Callable[[Any, bytes], object]:
@@ -94,6 +89,8 @@ def describe(hsm: Pkcs11HSM) -> dict[str, Any]:
     lib, token = hsm.module.lib, hsm.token
 
     def text(value: Any) -> str:
+        if isinstance(value, tuple):  # (major, minor)
+            return ".".join(str(v) for v in value)
         if isinstance(value, bytes):
             value = value.decode(errors="replace")
         return str(value).strip()

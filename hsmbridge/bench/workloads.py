@@ -37,7 +37,7 @@ class Workload:
 
 def _key_name(spec: KeySpec) -> str:
     if isinstance(spec, RSA):
-        return f"rsa:{spec.bits}"
+        return f"rsa:{spec.bits}"  # as a name: rsa-2048-keygen
     if isinstance(spec, EC):
         return "ec:" + spec.curve.lower().replace("-", "")
     return str(spec).lower()
@@ -66,7 +66,7 @@ def _rows() -> list[Workload]:
     specs: list[KeySpec] = [RSA(2048), RSA(3072), RSA(4096), EC("P-256"), EC("P-384"), EC("P-521")]
     if ed25519 is not None:
         specs.append(ed25519())
-    rows += [Workload(f"{_key_name(s).replace(':', '')}-keygen", "keygen", s, None) for s in specs]
+    rows += [Workload(f"{_key_name(s).replace(':', '-')}-keygen", "keygen", s, None) for s in specs]
     return rows
 
 
