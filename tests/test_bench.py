@@ -18,9 +18,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+from nethsm_fixtures import bridge_of
 
 import hsmbridge
-from hsmbridge import DecryptionFailed, RSA
+from hsmbridge import RSA, DecryptionFailed
 from hsmbridge.bench.compare import compare
 from hsmbridge.bench.schema import SCHEMA
 from hsmbridge.cli import main
@@ -29,7 +30,6 @@ from hsmbridge.nethsm import NetHSM
 from hsmbridge.pkcs11 import Pkcs11HSM, Pkcs11Key
 from hsmbridge.pkcs11.ceiling import run_ceiling
 from hsmbridge.testing import SoftToken
-from nethsm_fixtures import bridge_of
 
 QUICK = ["--quick", "--threads", "1,2", "--rounds", "2", "--seconds", "0.01"]
 
@@ -112,9 +112,9 @@ def test_nethsm_run_against_hsmbridge_serve(
     monkeypatch.setenv("NETHSM_OPERATOR_PASSWORD", bridge.operator.passphrase)
     uri = f"nethsm://{bridge.admin.user}@{bridge.hostport}?fingerprint={bridge.fingerprint}"
     out = tmp_path / "r.json"
-    argv = ["bench", "--hsm", uri, "--admin", bridge.admin.user, "--operator",
-            bridge.operator.user, "--only", "ecdsa-p256-sha256-sign", *QUICK, "--json", str(out)]  # fmt: skip
-    assert main(argv) == 0
+    users = ["--admin", bridge.admin.user, "--operator", bridge.operator.user]
+    argv = ["bench", "--hsm", uri, *users, "--only", "ecdsa-p256-sha256-sign", *QUICK]
+    assert main([*argv, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, SCHEMA)
     assert doc["hsm"]["backend"] == "nethsm"
