@@ -468,6 +468,32 @@ parse_param(PyObject *param, batch_t *b)
     return -1;
 }
 
+/* The checks run_batch and ceiling share: op, out_len, key, mechanism and its param. */
+static int
+parse_operation(batch_t *b, int op, Py_ssize_t out_len, PyObject *key_obj, PyObject *mech_obj,
+                PyObject *param_obj)
+{
+    if (op != OP_SIGN && op != OP_DECRYPT) {
+        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+        return -1;
+    }
+    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
+        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
+                     out_len);
+        return -1;
+    }
+    b->out_len = (CK_ULONG)out_len;
+    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
+        return -1;
+    if (b->key == CK_INVALID_HANDLE) {
+        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
+        return -1;
+    }
+    if (to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0)
+        return -1;
+    return parse_param(param_obj, b);
+}
+
 /*
  * A list of distinct, valid session handles into a PyMem_Malloc'd array.
  * Returns -1 with a Python exception set on failure.
@@ -674,29 +700,10 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
         goto done;
     }
 
-    if (op != OP_SIGN && op != OP_DECRYPT) {
-        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+    if (parse_operation(b, op, out_len, key_obj, mech_obj, param_obj) < 0)
         goto done;
-    }
-    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
-        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
-                     out_len);
-        goto done;
-    }
-    b->out_len = (CK_ULONG)out_len;
     b->stop_on_error = stop_on_error;
     b->ecdsa_der = ecdsa_der;
-
-    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
-        goto done;
-    if (b->key == CK_INVALID_HANDLE) {
-        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
-        goto done;
-    }
-    if (to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0)
-        goto done;
-    if (parse_param(param_obj, b) < 0)
-        goto done;
 
     if (parse_sessions(sessions_obj, &sessions, &nsessions) < 0)
         goto done;
@@ -933,26 +940,11 @@ ceiling(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    if (op != OP_SIGN && op != OP_DECRYPT) {
-        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+    if (parse_operation(b, op, out_len, key_obj, mech_obj, param_obj) < 0)
         goto done;
-    }
-    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
-        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
-                     out_len);
-        goto done;
-    }
     if (count < 1 || warmup < 0) {
         PyErr_Format(PyExc_ValueError, "count must be >= 1 and warmup >= 0, got %ld and %d",
                      count, warmup);
-        goto done;
-    }
-    b->out_len = (CK_ULONG)out_len;
-    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0 ||
-        to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0 || parse_param(param_obj, b) < 0)
-        goto done;
-    if (b->key == CK_INVALID_HANDLE) {
-        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
         goto done;
     }
     if (parse_sessions(sessions_obj, &sessions, &nsessions) < 0)

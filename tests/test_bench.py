@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import html.parser
+import importlib.util
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -190,3 +191,40 @@ def test_ceiling_ships_in_the_native_extension(pkcs11_hsm: hsmbridge.HSM) -> Non
             )
     finally:
         key.delete()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _readme_module() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_readme", REPO / "benchmarks" / "readme.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_performance_section_is_generated_from_the_committed_result() -> None:
+    readme = _readme_module()
+    doc = json.loads(readme.RESULT.read_text())
+    jsonschema.validate(doc, SCHEMA)
+    assert readme.main(["--check"]) == 0, "run: .venv/bin/python benchmarks/readme.py"
+    section = readme.section(doc)
+    assert section in (REPO / "README.md").read_text()
+    assert len(doc["settings"]["threads"]) >= 3  # the README shows a thread sweep
+    ET.fromstring(readme.PLOT.read_text())  # the plot the README shows is well-formed
+
+
+def test_docs_describe_every_field_of_the_schema() -> None:
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+
+    def fields(schema: dict[str, Any]) -> set[str]:
+        found = set(schema.get("properties", {}))
+        for sub in schema.get("properties", {}).values():
+            found |= fields(sub)
+            if isinstance(sub.get("items"), dict):
+                found |= fields(sub["items"])
+        return found | set(schema.get("required", []))
+
+    missing = sorted(f for f in fields(SCHEMA) if f"`{f}`" not in text and not f.startswith("$"))
+    assert not missing, f"docs/benchmarks.md does not describe {missing}"

@@ -1,8 +1,9 @@
 """Timing one measurement: wall and CPU time, and per-operation latency.
 
 Only the operations are timed: inputs are made, sessions bound and threads
-started before the clock starts (a barrier releases every worker at once),
-and results are checked after it stops. CPU time is the whole process's
+started before the clock starts (a barrier releases every worker at once);
+results are checked once per workload before any measurement
+(:func:`.contenders.prepare`). CPU time is the whole process's
 (``time.process_time``: every thread, user and system), so on a shared
 machine it moves much less than wall time when other work steals the cores.
 """
