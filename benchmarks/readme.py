@@ -7,7 +7,7 @@
 ``--refresh`` first runs ``hsmbridge bench compare`` between the committed
 result and NEW: on a regression beyond the noise it stops (exit 1) and the
 README keeps its numbers; otherwise NEW becomes results/bench.json and the
-section and its plot are rewritten. The text sits between the markers
+section and its plots are rewritten. The text sits between the markers
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->``; tests/test_bench.py
 checks that it matches the committed JSON.
 """
@@ -25,11 +25,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from hsmbridge.bench.compare import DEFAULT_THRESHOLD, compare, format_comparison, load  # noqa: E402
-from hsmbridge.bench.report import throughput_svg  # noqa: E402
+from hsmbridge.bench.report import cpu_svg, throughput_svg  # noqa: E402
 
 RESULT = HERE / "results" / "bench.json"
 README = REPO / "README.md"
-PLOT = REPO / "docs" / "img" / "bench-throughput.svg"
+PLOTS = {kind: REPO / "docs" / "img" / f"bench-{kind}.svg" for kind in ("throughput", "cpu")}
 PLOTTED = "rsa2048-pkcs1-sha256-sign"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 COLUMNS = (
@@ -54,6 +54,13 @@ def _ratio(w: dict[str, Any], over: str, threads: int, field: str = "ops_per_s")
     return "-"
 
 
+def _cell(result: dict[str, Any] | None) -> str:
+    """ops/s (CPU µs/op), medians."""
+    if result is None:
+        return "-"
+    return f"{result['ops_per_s']['median']:,.0f} ({result['cpu_us_per_op']['median']:,.0f})"
+
+
 def section(doc: dict[str, Any]) -> str:
     """The Markdown between the markers."""
     m, s = doc["machine"], doc["settings"]
@@ -75,8 +82,9 @@ def section(doc: dict[str, Any]) -> str:
         "noisy; the ratios within one run and CPU time per operation are the claim.",
         "",
         f"![throughput against threads, {PLOTTED}](docs/img/bench-throughput.svg)",
+        f"![CPU time per operation against threads, {PLOTTED}](docs/img/bench-cpu.svg)",
         "",
-        "Operations per second, median of the rounds:",
+        "Operations per second (CPU µs per operation), medians of the rounds:",
         "",
         "| workload | threads | " + " | ".join(title for _, title in COLUMNS) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |",
@@ -84,10 +92,7 @@ def section(doc: dict[str, Any]) -> str:
     for w in ops:
         by = _by(w)
         for t in threads:
-            cells = [
-                f"{by[c, t]['ops_per_s']['median']:,.0f}" if (c, t) in by else "-"
-                for c, _ in COLUMNS
-            ]
+            cells = [_cell(by.get((c, t))) for c, _ in COLUMNS]
             cells[3] = f"**{cells[3]}**"
             out.append(f"| {w['name']} | {t} | " + " | ".join(cells) + " |")
     out += [
@@ -158,8 +163,9 @@ def render(readme: str, doc: dict[str, Any]) -> str:
     return readme[:start] + section(doc) + readme[end + len(END) :]
 
 
-def plot(doc: dict[str, Any]) -> str:
-    return throughput_svg(next(w for w in doc["workloads"] if w["name"] == PLOTTED))
+def plots(doc: dict[str, Any]) -> dict[str, str]:
+    workload = next(w for w in doc["workloads"] if w["name"] == PLOTTED)
+    return {"throughput": throughput_svg(workload), "cpu": cpu_svg(workload)}
 
 
 def main(argv: list[str]) -> int:
@@ -177,15 +183,18 @@ def main(argv: list[str]) -> int:
             return 1
         shutil.copyfile(args.refresh, RESULT)
     doc = load(RESULT)
-    text, svg = render(README.read_text(), doc), plot(doc)
+    text, svgs = render(README.read_text(), doc), plots(doc)
     if args.check:
-        stale = text != README.read_text() or not PLOT.exists() or PLOT.read_text() != svg
+        stale = text != README.read_text() or any(
+            not PLOTS[k].exists() or PLOTS[k].read_text() != svg for k, svg in svgs.items()
+        )
         if stale:
             print("README.md's performance section is out of date: run benchmarks/readme.py")
         return 1 if stale else 0
     README.write_text(text)
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    PLOT.write_text(svg)
+    for kind, svg in svgs.items():
+        PLOTS[kind].parent.mkdir(parents=True, exist_ok=True)
+        PLOTS[kind].write_text(svg)
     return 0
 
 

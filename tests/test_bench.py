@@ -91,9 +91,9 @@ def test_report_is_self_contained_with_well_formed_plots(softhsm_run: Path) -> N
     page = _Page()
     page.feed((report / "index.html").read_text())
     assert page.external == []  # opens offline: nothing to fetch
-    assert page.tags.count("svg") == 4  # throughput + latency for the two workloads run
+    assert page.tags.count("svg") == 6  # throughput, CPU/op, latency for the two workloads run
     for name in ("ecdsa-p256-sha256-sign", "rsa2048-oaep-sha1-decrypt"):
-        for kind in ("throughput", "latency"):
+        for kind in ("throughput", "cpu", "latency"):
             root = ET.parse(report / f"{kind}-{name}.svg").getroot()
             assert root.tag == "{http://www.w3.org/2000/svg}svg"
             lines = root.findall(".//{http://www.w3.org/2000/svg}polyline")
@@ -212,7 +212,8 @@ def test_readme_performance_section_is_generated_from_the_committed_result() -> 
     section = readme.section(doc)
     assert section in (REPO / "README.md").read_text()
     assert len(doc["settings"]["threads"]) >= 3  # the README shows a thread sweep
-    ET.fromstring(readme.PLOT.read_text())  # the plot the README shows is well-formed
+    for plot in readme.PLOTS.values():  # the plots the README shows are well-formed
+        ET.fromstring(plot.read_text())
 
 
 def test_docs_describe_every_field_of_the_schema() -> None:

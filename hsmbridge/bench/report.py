@@ -95,11 +95,11 @@ def _nice_max(value: float) -> float:
     return float(next(m * exp for m in (1, 2, 2.5, 5, 10) if m * exp >= value))
 
 
-def _legend(names: Sequence[str]) -> list[str]:
+def _legend(entries: Sequence[tuple[str, str, str]]) -> list[str]:
+    """(name, colour, dash) per line."""
     out = []
     x = WIDTH - RIGHT + 15
-    for i, name in enumerate(names):
-        colour, dash = STYLE.get(name.split(" ")[0], ("#333333", ""))
+    for i, (name, colour, dash) in enumerate(entries):
         y = TOP + 14 + 16 * i
         out.append(
             f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{colour}" '
@@ -138,9 +138,20 @@ def _axes(x_labels: Sequence[tuple[float, str]], y_max: float, x_title: str, y_t
 
 def throughput_svg(workload: dict[str, Any]) -> str:
     """ops/s against threads, one line per contender (min-max bars), references dashed."""
+    title = f"{workload['name']}: throughput (median, min-max over rounds)"
+    return _lines_svg(workload, "ops_per_s", title, "operations per second")
+
+
+def cpu_svg(workload: dict[str, Any]) -> str:
+    """CPU time per operation against threads: the steadier figure on a shared machine."""
+    title = f"{workload['name']}: CPU time per operation (median, min-max)"
+    return _lines_svg(workload, "cpu_us_per_op", title, "CPU µs per operation")
+
+
+def _lines_svg(workload: dict[str, Any], field: str, title: str, y_title: str) -> str:
     results = workload["results"]
     threads = sorted({r["threads"] for r in results})
-    y_max = _nice_max(max(r["ops_per_s"]["max"] for r in results))
+    y_max = _nice_max(max(r[field]["max"] for r in results))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def fx(t: int) -> float:
@@ -152,7 +163,7 @@ def throughput_svg(workload: dict[str, Any]) -> str:
     def py(v: float) -> float:
         return TOP + plot_h - plot_h * v / y_max
 
-    body = _axes([(fx(t), str(t)) for t in threads], y_max, "threads", "operations per second")
+    body = _axes([(fx(t), str(t)) for t in threads], y_max, "threads", y_title)
     names = [n for n in CONTENDERS if any(r["contender"] == n for r in results)]
     for name in names:
         colour, dash = STYLE[name]
@@ -165,14 +176,14 @@ def throughput_svg(workload: dict[str, Any]) -> str:
             f'stroke-dasharray="{dash}"/>'
         )
         for r in rows:
-            x, s = px(r["threads"]), r["ops_per_s"]
+            x, s = px(r["threads"]), r[field]
             body.append(
                 f'<line x1="{x:.1f}" y1="{py(s["min"]):.1f}" x2="{x:.1f}" y2="{py(s["max"]):.1f}" '
                 f'stroke="{colour}"/><circle cx="{x:.1f}" cy="{py(s["median"]):.1f}" r="2.5" '
                 f'fill="{colour}"/>'
             )
-    body += _legend(names)
-    return _svg(body, f"{workload['name']}: throughput (median, min-max over rounds)")
+    body += _legend([(n, *STYLE[n]) for n in names])
+    return _svg(body, title)
 
 
 def latency_svg(workload: dict[str, Any]) -> str | None:
@@ -190,7 +201,7 @@ def latency_svg(workload: dict[str, Any]) -> str | None:
 
     x_labels = [((e - lo_exp) / (hi_exp - lo_exp), f"{10**e:,}") for e in range(lo_exp, hi_exp + 1)]
     body = _axes(x_labels, 100, "latency of one operation (µs, log scale)", "percentile", "{:.0f}")
-    names = []
+    entries = []
     thread_counts = sorted({r["threads"] for r in rows})
     for r in rows:
         colour, _ = STYLE.get(r["contender"], ("#333333", ""))
@@ -204,8 +215,8 @@ def latency_svg(workload: dict[str, Any]) -> str | None:
             f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5" '
             f'stroke-dasharray="{dash}"/>'
         )
-        names.append(f"{r['contender']} x{r['threads']}")
-    body += _legend(names[:18])
+        entries.append((f"{r['contender']} x{r['threads']}", colour, dash))
+    body += _legend(entries[:18])
     return _svg(body, f"{workload['name']}: latency distribution")
 
 
@@ -222,7 +233,11 @@ def write_report(doc: dict[str, Any], directory: Path) -> Path:
                 sections.append(f"<h2>{html.escape(w['name'])}</h2><p>skipped: "
                                 f"{html.escape(w['skipped'])}</p>")  # fmt: skip
                 continue
-            plots = [("throughput", throughput_svg(w)), ("latency", latency_svg(w))]
+            plots = [
+                ("throughput", throughput_svg(w)),
+                ("cpu", cpu_svg(w)),
+                ("latency", latency_svg(w)),
+            ]
             figures = []
             for kind, svg in plots:
                 if svg is None:

@@ -121,7 +121,7 @@ def _warm_up(
     for threads in settings.threads:
         for c in contenders:
             progress.step(f"{workload.name} {c.name} x{threads} warm-up")
-            first = max(threads, 2) if workload.kind == "keygen" else max(4 * threads, 16)
+            first = max(threads, 2) if workload.kind == "keygen" else max(2 * threads, 8)
             sample = c.run(threads, first)
             rate = sample.ops / sample.seconds if sample.seconds > 0 else 1e6
             counts[c.name, threads] = max(threads, math.ceil(rate * settings.seconds))
