@@ -98,6 +98,14 @@ def test_report_is_self_contained_with_well_formed_plots(softhsm_run: Path) -> N
             assert root.tag == "{http://www.w3.org/2000/svg}svg"
             lines = root.findall(".//{http://www.w3.org/2000/svg}polyline")
             assert lines, f"{kind} plot of {name} has no lines"
+    svg = "{http://www.w3.org/2000/svg}"
+    drawn = {
+        kind: [
+            p.get("points") for p in ET.parse(report / f"{kind}-{name}.svg").iter(svg + "polyline")
+        ]
+        for kind in ("throughput", "cpu")
+    }
+    assert drawn["throughput"] != drawn["cpu"]  # each plot draws its own figure
     legend = ET.parse(report / "throughput-ecdsa-p256-sha256-sign.svg").getroot()
     texts = {t.text for t in legend.iter("{http://www.w3.org/2000/svg}text")}
     assert {"c-ceiling", "openssl", "hsmbridge-batch"} <= texts

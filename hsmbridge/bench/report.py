@@ -168,9 +168,7 @@ def _lines_svg(workload: dict[str, Any], field: str, title: str, y_title: str) -
     for name in names:
         colour, dash = STYLE[name]
         rows = sorted((r for r in results if r["contender"] == name), key=lambda r: r["threads"])
-        points = " ".join(
-            f"{px(r['threads']):.1f},{py(r['ops_per_s']['median']):.1f}" for r in rows
-        )
+        points = " ".join(f"{px(r['threads']):.1f},{py(r[field]['median']):.1f}" for r in rows)
         body.append(
             f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
             f'stroke-dasharray="{dash}"/>'
