@@ -237,3 +237,13 @@ def test_docs_describe_every_field_of_the_schema() -> None:
 
     missing = sorted(f for f in fields(SCHEMA) if f"`{f}`" not in text and not f.startswith("$"))
     assert not missing, f"docs/benchmarks.md does not describe {missing}"
+
+
+def test_bad_options_are_reported_before_any_hsm_is_opened(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "--hsm", "pkcs11:token=absent", "--only", "rsa1024-*"]) == 1
+    err = capsys.readouterr().err
+    assert "--only rsa1024-* matches no workload" in err and "ecdsa-p256-sha256-sign" in err
+    assert main(["bench", "--hsm", "pkcs11:token=absent", "--threads", "0"]) == 1
+    assert "between 1 and 256" in capsys.readouterr().err
