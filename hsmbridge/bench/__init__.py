@@ -7,5 +7,10 @@
 - :mod:`.timing`, :mod:`.runner`: one measurement; rounds, thread sweep, statistics;
 - :mod:`.schema`, :mod:`.report`, :mod:`.compare`: the JSON result, the table and
   HTML report, and the regression gate;
+- :mod:`.environment`: the machine and versions a result was measured with;
 - :mod:`.command`: the command line.
 """
+
+from .environment import machine
+
+__all__ = ["machine"]

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from . import nethsm as nethsm_baselines
 from . import pkcs11 as pkcs11_baselines
 from .compare import DEFAULT_THRESHOLD, compare, format_comparison, load
 from .contenders import Contender, Target
+from .environment import load_average, machine, now, versions
 from .report import format_table, write_report
 from .runner import Extra, Progress, Settings, run_workload
 from .schema import SCHEMA_ID
@@ -132,7 +130,7 @@ def measure(
                 return pkcs11_baselines.contenders(target, python_hsm)
 
         progress = Progress()
-        started, load_before = _now(), _load()
+        started, load_before = now(), load_average()
         results = []
         for w in workloads:
             if offered is not None and w.mechanism is not None and w.mechanism not in offered:
@@ -146,7 +144,7 @@ def measure(
     return {
         "schema": SCHEMA_ID,
         "started": started,
-        "finished": _now(),
+        "finished": now(),
         "settings": {
             "hsm": _redact(uri),
             "only": only,
@@ -154,8 +152,9 @@ def measure(
             "rounds": settings.rounds,
             "seconds": settings.seconds,
         },
-        "machine": _machine(load_before),
-        "versions": _versions(),
+        "machine": machine()
+        | {"load_average_before": load_before, "load_average_after": load_average()},
+        "versions": versions(),
         "hsm": info,
         "workloads": results,
     }
@@ -217,50 +216,6 @@ def _open_nethsm(
         return nethsm_baselines.contenders(target, access)
 
     return hsm, extra, nethsm_baselines.describe(access, hsm.description)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def _machine(load_before: list[float]) -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "load_average_before": load_before,
-        "load_average_after": _load(),
-    }
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _versions() -> dict[str, Any]:
-    from cryptography.hazmat.backends.openssl.backend import backend
-
-    from ..pkcs11.module import load_native
-
-    return {
-        "hsmbridge": _version("hsmbridge"),
-        "native_engine": load_native() is not None,
-        "python_pkcs11": _version("python-pkcs11"),
-        "cryptography": _version("cryptography"),
-        "openssl": backend.openssl_version_text(),
-        "nethsm_sdk": _version("nethsm"),
-    }
 
 
 def _write_outputs(doc: dict[str, Any], json_path: str | None, report: str | None) -> None:

@@ -162,7 +162,7 @@ def _summary(name: str, threads: int, count: int, runs: Sequence[Sample]) -> dic
             "p50": _percentile(us, 50),
             "p95": _percentile(us, 95),
             "p99": _percentile(us, 99),
-            "quantiles": [_percentile(us, q) if q else us[0] for q in QUANTILES],
+            "quantiles": [_percentile(us, q) for q in QUANTILES],
         }
     return {
         "contender": name,
