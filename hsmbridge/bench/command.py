@@ -22,9 +22,9 @@ from .compare import DEFAULT_THRESHOLD, compare, format_comparison, load
 from .contenders import Contender, Target
 from .environment import load_average, machine, now, versions
 from .report import format_table, write_report
-from .runner import Extra, Progress, Settings, run_workload
+from .runner import Extra, Progress, Settings, entry, run_workload
 from .schema import SCHEMA_ID
-from .workloads import Workload, select
+from .workloads import select
 
 ADMIN_PASSWORD_ENV = "NETHSM_ADMIN_PASSWORD"
 OPERATOR_PASSWORD_ENV = "NETHSM_OPERATOR_PASSWORD"
@@ -121,8 +121,10 @@ def measure(
             hsm, extra, info = _open_nethsm(uri, admin, operator, workdir or tempfile.gettempdir())
             opened.append(hsm)
         else:
-            hsm, python_hsm = (_open_pkcs11(uri, pin, sessions, native) for native in (None, False))
-            opened += [hsm, python_hsm]
+            hsm = _open_pkcs11(uri, pin, sessions, None)
+            opened.append(hsm)
+            python_hsm = _open_pkcs11(uri, pin, sessions, False)  # the Python engine
+            opened.append(python_hsm)
             info = pkcs11_baselines.describe(hsm)
             offered = set(hsm.supported_mechanisms())
 
@@ -134,7 +136,7 @@ def measure(
         results = []
         for w in workloads:
             if offered is not None and w.mechanism is not None and w.mechanism not in offered:
-                results.append(_skipped(w, f"the token does not offer {w.mechanism.value}"))
+                results.append(entry(w, skipped=f"the token does not offer {w.mechanism.value}"))
             else:
                 results.append(run_workload(hsm, w, settings, extra, progress))
         progress.finish()
@@ -157,18 +159,6 @@ def measure(
         "versions": versions(),
         "hsm": info,
         "workloads": results,
-    }
-
-
-def _skipped(w: Workload, reason: str) -> dict[str, Any]:
-    return {
-        "name": w.name,
-        "kind": w.kind,
-        "key": w.key,
-        "mechanism": w.mechanism.value if w.mechanism else None,
-        "skipped": reason,
-        "results": [],
-        "ratios": [],
     }
 
 

@@ -74,20 +74,10 @@ def run_workload(
     hsm: HSM, workload: Workload, settings: Settings, extra: Extra, progress: Progress
 ) -> dict[str, Any]:
     """Measure one workload; a workload the HSM cannot do comes back ``skipped``."""
-    entry: dict[str, Any] = {
-        "name": workload.name,
-        "kind": workload.kind,
-        "key": workload.key,
-        "mechanism": workload.mechanism.value if workload.mechanism else None,
-        "skipped": None,
-        "results": [],
-        "ratios": [],
-    }
     try:
         target = prepare(hsm, workload)
     except HSMError as exc:
-        entry["skipped"] = f"{type(exc).__name__}: {exc}"
-        return entry
+        return entry(workload, skipped=f"{type(exc).__name__}: {exc}")
     try:
         found = {c.name: c for c in common(target) + extra(target)}
         contenders = [found[name] for name in CONTENDERS if name in found]
@@ -105,12 +95,26 @@ def run_workload(
     finally:
         if target.key is not None:
             target.key.delete()
-    entry["results"] = [
+    done = entry(workload)
+    done["results"] = [
         _summary(name, threads, counts[name, threads], runs)
         for (name, threads), runs in samples.items()
     ]
-    entry["ratios"] = _ratios(samples, settings)
-    return entry
+    done["ratios"] = _ratios(samples, settings)
+    return done
+
+
+def entry(workload: Workload, skipped: str | None = None) -> dict[str, Any]:
+    """A workload's entry in the JSON result, without results yet (or ``skipped``, and why)."""
+    return {
+        "name": workload.name,
+        "kind": workload.kind,
+        "key": workload.key,
+        "mechanism": workload.mechanism.value if workload.mechanism else None,
+        "skipped": skipped,
+        "results": [],
+        "ratios": [],
+    }
 
 
 def _warm_up(
