@@ -78,8 +78,10 @@ def _user_operation(hsm: Pkcs11HSM, kind: str, mech: Mechanism) -> Callable[[Any
     if ckm_combined is not None and ckm_combined in set(hsm.token.slot.get_mechanisms()):
         param = p11_rsa.mechanism(mech)[1] if mech.family == "pss" else None
         return lambda obj, m: obj.sign(m, mechanism=ckm_combined, mechanism_param=param)
-    # no combined mechanism (SoftHSM2 has no CKM_ECDSA_SHA256): hash here, sign raw
-    raw, param = p11_ec.mechanism() if mech.family == "ecdsa" else p11_rsa.mechanism(mech)
+    # no combined mechanism (SoftHSM2 has no CKM_ECDSA_SHA256): hash here, sign raw;
+    # EdDSA signs the message itself
+    on_curve = mech.key_type != "rsa"
+    raw, param = p11_ec.mechanism(mech) if on_curve else p11_rsa.mechanism(mech)
     prepare = signing_preparer(mech, prehashed=False)
     return lambda obj, m: obj.sign(prepare(m), mechanism=raw, mechanism_param=param)
 
