@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pkcs11 import Mechanism as CKM
 from pkcs11 import ObjectClass
 
 from ..mechanisms import Mechanism, signing_input, signing_preparer
@@ -49,8 +48,8 @@ def _ceiling(target: Target, key: Pkcs11Key, threads: int, count: int) -> Sample
 
 
 def _python_pkcs11(target: Target, key: Pkcs11Key, threads: int, count: int) -> Sample:
-    """What a user writes: find the key, call sign/decrypt with the combined mechanism."""
-    op = _user_operation(key.hsm, target.workload.kind, target.mechanism)
+    """What a user writes: find the key by its id, call sign/decrypt in a loop."""
+    op = _user_operation(target.workload.kind, target.mechanism)
     items = target.items(count)
     key_id = bytes.fromhex(key.id)
 
@@ -63,27 +62,19 @@ def _python_pkcs11(target: Target, key: Pkcs11Key, threads: int, count: int) -> 
     return parallel(threads, count, worker)  # a failure comes back as an HSMError
 
 
-def _user_operation(hsm: Pkcs11HSM, kind: str, mech: Mechanism) -> Callable[[Any, bytes], object]:
-    """python-pkcs11 calls for ``mech``: the token's combined hash-and-sign where it has one."""
-    if kind == "decrypt":
-        ckm, param = p11_rsa.mechanism(mech)
-        return lambda obj, c: obj.decrypt(c, mechanism=ckm, mechanism_param=param)
-    hash_name = (mech.hash_name or "").upper().replace("SHA1", "SHA_1")
-    combined = {
-        "pkcs1": f"{hash_name}_RSA_PKCS",
-        "pss": f"{hash_name}_RSA_PKCS_PSS",
-        "ecdsa": f"ECDSA_{hash_name}",
-    }.get(mech.family)
-    ckm_combined = getattr(CKM, combined, None) if combined else None
-    if ckm_combined is not None and ckm_combined in set(hsm.token.slot.get_mechanisms()):
-        param = p11_rsa.mechanism(mech)[1] if mech.family == "pss" else None
-        return lambda obj, m: obj.sign(m, mechanism=ckm_combined, mechanism_param=param)
-    # no combined mechanism (SoftHSM2 has no CKM_ECDSA_SHA256): hash here, sign raw;
-    # EdDSA signs the message itself
+def _user_operation(kind: str, mech: Mechanism) -> Callable[[Any, bytes], object]:
+    """python-pkcs11 calls for ``mech``: hash in Python, then the raw mechanism.
+
+    hsmbridge's keys allow only the raw mechanisms their usage needs
+    (CKA_ALLOWED_MECHANISMS), so a combined hash-and-sign such as
+    CKM_SHA256_RSA_PKCS is refused on them, as it would be for any user.
+    """
     on_curve = mech.key_type != "rsa"
-    raw, param = p11_ec.mechanism(mech) if on_curve else p11_rsa.mechanism(mech)
+    ckm, param = p11_ec.mechanism(mech) if on_curve else p11_rsa.mechanism(mech)
+    if kind == "decrypt":
+        return lambda obj, c: obj.decrypt(c, mechanism=ckm, mechanism_param=param)
     prepare = signing_preparer(mech, prehashed=False)
-    return lambda obj, m: obj.sign(prepare(m), mechanism=raw, mechanism_param=param)
+    return lambda obj, m: obj.sign(prepare(m), mechanism=ckm, mechanism_param=param)
 
 
 def describe(hsm: Pkcs11HSM) -> dict[str, Any]:
