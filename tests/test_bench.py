@@ -46,7 +46,10 @@ def softhsm_run(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFacto
     """One quick run on the session's SoftHSM2 token: JSON and report in a directory."""
     out = tmp_path_factory.mktemp("bench")
     uri = f"{softhsm_token.uri}&pin-value={softhsm_token.pin}"
-    only = "ecdsa-p256-sha256-sign,rsa2048-oaep-sha1-decrypt,rsa2048-oaep-sha512-decrypt"
+    only = (
+        "ecdsa-p256-sha256-sign,rsa2048-oaep-sha1-decrypt,rsa2048-pss-sha256-sign,"
+        "rsa2048-oaep-sha512-decrypt"
+    )
     argv = ["bench", "--hsm", uri, "--only", only, *QUICK, "--json", str(out / "r.json")]
     assert main([*argv, "--report", str(out / "report")]) == 0
     return out
@@ -57,7 +60,11 @@ def test_softhsm_run_has_every_contender_at_every_thread_count(softhsm_run: Path
     jsonschema.validate(doc, SCHEMA)
     assert doc["hsm"]["backend"] == "pkcs11" and doc["hsm"]["module"]["native_engine"]
     assert doc["settings"]["threads"] == [1, 2] and "pin-value=***" in doc["settings"]["hsm"]
-    for workload in ("ecdsa-p256-sha256-sign", "rsa2048-oaep-sha1-decrypt"):
+    for workload in (
+        "ecdsa-p256-sha256-sign",
+        "rsa2048-oaep-sha1-decrypt",
+        "rsa2048-pss-sha256-sign",
+    ):
         results = _results(doc, workload)
         contenders = {"c-ceiling", "python-pkcs11", "hsmbridge-single", "hsmbridge-batch",
                       "hsmbridge-batch-python", "openssl"}  # fmt: skip
@@ -91,7 +98,7 @@ def test_report_is_self_contained_with_well_formed_plots(softhsm_run: Path) -> N
     page = _Page()
     page.feed((report / "index.html").read_text())
     assert page.external == []  # opens offline: nothing to fetch
-    assert page.tags.count("svg") == 6  # throughput, CPU/op, latency for the two workloads run
+    assert page.tags.count("svg") == 9  # throughput, CPU/op, latency for the 3 workloads run
     for name in ("ecdsa-p256-sha256-sign", "rsa2048-oaep-sha1-decrypt"):
         for kind in ("throughput", "cpu", "latency"):
             root = ET.parse(report / f"{kind}-{name}.svg").getroot()
