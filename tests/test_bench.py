@@ -50,7 +50,7 @@ def softhsm_run(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFacto
         "ecdsa-p256-sha256-sign,rsa2048-oaep-sha1-decrypt,rsa2048-pss-sha256-sign,"
         "rsa2048-oaep-sha512-decrypt"
     )
-    argv = ["bench", "--hsm", uri, "--only", only, *QUICK, "--json", str(out / "r.json")]
+    argv = ["bench", "--hsm", uri, "--only", only, *QUICK, "--out", str(out / "r.json")]
     assert main([*argv, "--report", str(out / "report")]) == 0
     return out
 
@@ -130,7 +130,7 @@ def test_nethsm_run_against_hsmbridge_serve(
     out = tmp_path / "r.json"
     users = ["--admin", bridge.admin.user, "--operator", bridge.operator.user]
     argv = ["bench", "--hsm", uri, *users, "--only", "ecdsa-p256-sha256-sign", *QUICK]
-    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, SCHEMA)
     assert doc["hsm"]["backend"] == "nethsm"

@@ -15,6 +15,7 @@ from ..errors import ConfigurationError
 from ..mechanisms import Mechanism
 from ..nethsm.backend import PASSWORD_ENV
 from ..pkcs11 import Pkcs11HSM
+from ..progress import Progress
 from ..uri import _redact, parse_nethsm_uri
 from . import nethsm as nethsm_baselines
 from . import pkcs11 as pkcs11_baselines
@@ -22,7 +23,7 @@ from .compare import DEFAULT_THRESHOLD, compare, format_comparison, load
 from .contenders import Contender, Target
 from .environment import load_average, machine, now, versions
 from .report import format_table, write_report
-from .runner import Extra, Progress, Settings, entry, run_workload
+from .runner import Extra, Settings, entry, run_workload
 from .schema import SCHEMA_ID
 from .workloads import select
 
@@ -31,28 +32,29 @@ OPERATOR_PASSWORD_ENV = "NETHSM_OPERATOR_PASSWORD"
 QUICK = Settings(threads=(1, 2), rounds=2, seconds=0.03)
 
 
-def add_parser(sub: Any) -> None:
-    """The ``bench`` subcommand (called by hsmbridge.cli)."""
-    p = sub.add_parser(
-        "bench",
-        help="measure an HSM: workloads x contenders x threads, against the C ceiling and OpenSSL",
-        description="Measure an HSM side by side with its C ceiling, plain loops and OpenSSL "
-        "(docs/benchmarks.md). Without --hsm: an embedded SoftHSM2 token.",
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The ``bench`` options (``--hsm`` and ``--json`` come from hsmbridge.cli's ``common``)."""
+    p.description = (
+        "Measure an HSM side by side with its C ceiling, plain loops and OpenSSL "
+        "(docs/benchmarks.md). Without --hsm: an embedded SoftHSM2 token."
     )
-    p.add_argument("--hsm", dest="bench_hsm", help="HSM URI (default: the global --hsm)")
     p.add_argument("--only", default="", help="comma-separated workload names or globs")
     p.add_argument("--threads", default=None, help="thread counts to sweep (default 1,2,4,8)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
+    from ..cli import positive_int
+
+    p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default 3)")
     p.add_argument(
         "--seconds", type=float, default=None, help="length of one measurement (default 0.5)"
     )
     p.add_argument("--quick", action="store_true", help="threads 1,2, 2 rounds, 0.03 s each")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write JSON ('-': stdout)")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     p.add_argument("--report", metavar="DIR", help="write an HTML report with plots there")
     p.add_argument("--admin", help=f"NetHSM Administrator user (password: ${ADMIN_PASSWORD_ENV})")
     p.add_argument("--operator", help=f"NetHSM Operator user (password: ${OPERATOR_PASSWORD_ENV})")
     bench_sub = p.add_subparsers(dest="bench_command", required=False)
-    c = bench_sub.add_parser("compare", help="compare two JSON results; exit 1 on a regression")
+    c = bench_sub.add_parser(
+        "compare", help="compare two JSON results; exit 1 on a regression", parents=[common]
+    )
     c.add_argument("old")
     c.add_argument("new")
     c.add_argument(
@@ -71,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_comparison(comparison))
         return 1 if comparison["regressions"] else 0
     settings = _settings(args)
-    uri = args.bench_hsm or args.hsm
+    uri = args.hsm
     with tempfile.TemporaryDirectory(prefix="hsmbridge-bench-") as workdir:
         doc = measure(uri, args.only, settings, args.admin, args.operator, workdir)
-    _write_outputs(doc, args.json, args.report)
+    _write_outputs(doc, args.json, args.out, args.report)
     return 0
 
 
@@ -109,6 +111,7 @@ def measure(
     workloads = select(only)
     sessions = max(max(settings.threads), 2)
     opened: list[HSM] = []
+    progress = Progress(0)
     offered: set[Mechanism] | None = None  # None: NetHSM, decided by a first operation
     pin = None
     if uri is None:
@@ -131,7 +134,6 @@ def measure(
             def extra(target: Target) -> list[Contender]:
                 return pkcs11_baselines.contenders(target, python_hsm)
 
-        progress = Progress()
         started, load_before = now(), load_average()
         results = []
         for w in workloads:
@@ -139,8 +141,8 @@ def measure(
                 results.append(entry(w, skipped=f"the token does not offer {w.mechanism.value}"))
             else:
                 results.append(run_workload(hsm, w, settings, extra, progress))
-        progress.finish()
     finally:
+        progress.close()
         for h in reversed(opened):
             h.close()
     return {
@@ -208,14 +210,11 @@ def _open_nethsm(
     return hsm, extra, nethsm_baselines.describe(access, hsm.description)
 
 
-def _write_outputs(doc: dict[str, Any], json_path: str | None, report: str | None) -> None:
+def _write_outputs(doc: dict[str, Any], as_json: bool, out: str | None, report: str | None) -> None:
     text = json.dumps(doc, indent=1) + "\n"
-    if json_path == "-":
-        sys.stdout.write(text)
-    else:
-        print(format_table(doc))
-        if json_path:
-            _write(Path(json_path), text)
+    sys.stdout.write(text if as_json else format_table(doc) + "\n")
+    if out:
+        _write(Path(out), text)
     if report:
         index = write_report(doc, Path(report))
         print(f"report: {index}", file=sys.stderr)

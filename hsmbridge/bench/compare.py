@@ -24,7 +24,7 @@ METRICS = {"ops": ("ops_per_s", True), "cpu": ("cpu_us_per_op", False)}
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """A JSON result written by ``hsmbridge bench --json``."""
+    """A JSON result written by ``hsmbridge bench --out FILE`` (or ``--json``)."""
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -35,7 +35,7 @@ def load(path: str | Path) -> dict[str, Any]:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise ConfigurationError(
             f"{path} is not an hsmbridge bench result ({SCHEMA_ID}; found {found!r}); "
-            "make one with hsmbridge bench --json FILE"
+            "make one with hsmbridge bench --out FILE"
         )
     return doc
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..api import HSM
 from ..errors import HSMError
+from ..progress import Progress
 from .contenders import CONTENDERS, Contender, Target, common, prepare
 from .timing import Sample
 from .workloads import Workload
@@ -43,33 +43,6 @@ class Settings:
 Extra = Callable[[Target], list[Contender]]
 
 
-class Progress:
-    """A progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.done = 0
-        self.total = 0
-
-    def add(self, steps: int) -> None:
-        self.total += steps
-
-    def step(self, text: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {text[:60]:<60}")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.total:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def run_workload(
     hsm: HSM, workload: Workload, settings: Settings, extra: Extra, progress: Progress
 ) -> dict[str, Any]:
@@ -81,7 +54,7 @@ def run_workload(
     try:
         found = {c.name: c for c in common(target) + extra(target)}
         contenders = [found[name] for name in CONTENDERS if name in found]
-        progress.add(len(contenders) * len(settings.threads) * (settings.rounds + 1))
+        progress.total += len(contenders) * len(settings.threads) * (settings.rounds + 1)
         counts = _warm_up(workload, contenders, settings, progress)
         samples: dict[tuple[str, int], list[Sample]] = {}
         for r in range(settings.rounds):
@@ -89,9 +62,10 @@ def run_workload(
             order = contenders[turn:] + contenders[:turn]
             for threads in settings.threads:
                 for c in order:
-                    progress.step(f"{workload.name} {c.name} x{threads} round {r + 1}")
+                    progress.advance(0, f"{workload.name} {c.name} x{threads} round {r + 1}")
                     sample = c.run(threads, counts[c.name, threads])
                     samples.setdefault((c.name, threads), []).append(sample)
+                    progress.advance(1)
     finally:
         if target.key is not None:
             target.key.delete()
@@ -124,11 +98,12 @@ def _warm_up(
     counts = {}
     for threads in settings.threads:
         for c in contenders:
-            progress.step(f"{workload.name} {c.name} x{threads} warm-up")
+            progress.advance(0, f"{workload.name} {c.name} x{threads} warm-up")
             first = max(threads, 2) if workload.kind == "keygen" else max(2 * threads, 8)
             sample = c.run(threads, first)
             rate = sample.ops / sample.seconds if sample.seconds > 0 else 1e6
             counts[c.name, threads] = max(threads, math.ceil(rate * settings.seconds))
+            progress.advance(1)
     return counts
 
 
