@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -184,26 +183,60 @@ def child_keygen(module: str, label: str) -> dict[str, Any]:
     }
 
 
-def child_make_keys(module: str, label: str) -> dict[str, Any]:
-    """Keys for fact 5's C loops (the ceiling program finds them by label).
+def child_ceiling(module: str, label: str) -> dict[str, Any]:
+    """Fact 5: the C loop (``hsmbridge._native.ceiling``) on a token key and on a session
+    copy of it, alternated over 3 rounds (fact 18), CPU time per operation.
 
-    Made with python-pkcs11's defaults, which leave keys copyable: hsmbridge's
-    own keys are not (key separation), so they admit no session copy.
+    The keys are made with python-pkcs11's defaults, which leave them copyable:
+    hsmbridge's own keys are not (key separation), so they admit no session copy.
     """
     import pkcs11
-    from pkcs11 import Attribute, KeyType
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11 import Mechanism as CKM
     from pkcs11.util.ec import encode_named_curve_parameters
 
-    lib = pkcs11.lib(module)
-    with lib.get_token(token_label=label).open(rw=True, user_pin=PIN) as session:
-        params = session.create_domain_parameters(
+    from hsmbridge.mechanisms import Mechanism, signing_input
+    from hsmbridge.pkcs11.module import load_module, load_native
+
+    native = load_native()
+    token = load_module(module).lib.get_token(token_label=label)  # OS locking, as hsmbridge
+    out: dict[str, Any] = {"threads": 1}
+    with token.open(rw=True, user_pin=PIN) as admin, token.open() as worker:
+        params = admin.create_domain_parameters(
             KeyType.EC,
             {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
             local=True,
         )
-        params.generate_keypair(store=True, label="ec")
-        session.generate_keypair(KeyType.RSA, 2048, store=True, label="rsa")
-    return {}
+        _, ec_key = params.generate_keypair(store=True, label="ec")
+        _, rsa_key = admin.generate_keypair(KeyType.RSA, 2048, store=True, label="rsa")
+        cases = (
+            (ec_key, CKM.ECDSA, Mechanism.ECDSA_SHA256, 64, 20000),
+            (rsa_key, CKM.RSA_PKCS, Mechanism.RSA_PKCS1_SHA256, 256, 2000),
+        )
+        for key, ckm, mech, out_len, count in cases:
+            assert key.object_class == ObjectClass.PRIVATE_KEY
+            copy = key.copy({Attribute.TOKEN: False, Attribute.LABEL: "", Attribute.ID: b""})
+            handles = {"token_key": int(key.handle), "session_copy": int(copy.handle)}
+            item = signing_input(mech, b"fact 5", prehashed=False)
+            row: dict[str, list[float]] = {name: [] for name in handles}
+            for _ in range(3):
+                for name, handle in handles.items():
+                    _, cpu, rv = native.ceiling(
+                        module, 0, [int(worker.handle)], handle, int(ckm), None, item,
+                        out_len, count,
+                    )  # fmt: skip
+                    if rv:
+                        raise pkcs11.PKCS11Error(f"CK_RV 0x{rv:x}")
+                    row[name].append(cpu / count * 1e6)
+            copy.destroy()
+            medians = {k: round(statistics.median(v), 1) for k, v in row.items()}
+            out[mech.value] = {
+                "cpu_us_per_op_median_of_3": medians,
+                "token_key_over_session_copy": round(
+                    medians["token_key"] / medians["session_copy"], 2
+                ),
+            }
+    return out
 
 
 def child_eddsa(module: str, label: str) -> dict[str, Any]:
@@ -277,7 +310,7 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
     "calls": child_calls,
     "mechanisms": child_mechanisms,
     "keygen": child_keygen,
-    "make_keys": child_make_keys,
+    "ceiling": child_ceiling,
     "eddsa": child_eddsa,
 }
 
@@ -338,27 +371,7 @@ def fact_3(token: Token) -> dict[str, Any]:
 
 
 def fact_5(token: Token) -> dict[str, Any]:
-    from benchmarks.ceiling.build import run_ceiling
-
-    token.run("make_keys")
-    out: dict[str, Any] = {"threads": 1}
-    for key, mech, count in (("ec", "ecdsa-sha256", 20000), ("rsa", "rsa-pkcs1-sha256", 2000)):
-        row: dict[str, list[float]] = {"token_key": [], "session_copy": []}
-        for _ in range(3):  # alternate the two, several rounds (fact 18)
-            for copy in (False, True):
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                run_ceiling(module=token.token.module, token=token.token.label, pin=PIN,
-                            key=key, mech=mech, count=count, session_copy=copy,
-                            env=token.token.env())  # fmt: skip
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-                row["session_copy" if copy else "token_key"].append(cpu / count * 1e6)
-        medians = {k: round(statistics.median(v), 1) for k, v in row.items()}
-        out[mech] = {
-            "cpu_us_per_op_median_of_3": medians,
-            "token_key_over_session_copy": round(medians["token_key"] / medians["session_copy"], 2),
-        }
-    return out
+    return dict(token.run("ceiling")[1])
 
 
 def fact_6_7(token: Token) -> dict[str, Any]:

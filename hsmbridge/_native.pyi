@@ -23,3 +23,16 @@ def run_batch(
 def use_function_list(module_path: str | bytes | os.PathLike[str], address: int) -> str:
     """run_batch(module_path, ...) uses the CK_FUNCTION_LIST at ``address`` from now on,
     and this extension's own C_GetFunctionList returns it; the extension's file."""
+
+def ceiling(
+    module_path: str | bytes | os.PathLike[str],
+    op: int,
+    sessions: Sequence[int],
+    key_handle: int,
+    mechanism: int,
+    param: tuple[object, ...] | None,
+    input: bytes | bytearray | memoryview,
+    out_len: int,
+    count: int,
+    warmup: int = 1,
+) -> tuple[float, float, int]: ...

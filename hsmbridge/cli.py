@@ -403,18 +403,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _add_bench(add: Adder, common: _Parser) -> None:
-    p = add("bench", "hot-path benchmark against the C ceiling and baselines")
-    p.add_argument("--count", type=positive_int, default=2000, help="operations per measurement")
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
-    p.add_argument("--only", default="", help="comma-separated subset of suites")
+    from .bench.command import add_arguments
+
+    p = add("bench", "measure an HSM against its C ceiling, plain loops and OpenSSL")
+    add_arguments(p, common)
     p.set_defaults(run=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench.command import run
 
-    status: int = run_bench(args)
-    return status
+    return run(args)
 
 
 def _add_serve(add: Adder, common: _Parser) -> None:

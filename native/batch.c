@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "pkcs11_min.h"
 
@@ -440,6 +441,28 @@ run_one(const batch_t *b, CK_SESSION_HANDLE session, CK_MECHANISM *mech,
     r->state = ITEM_OK;
 }
 
+/* The CK_MECHANISM of a batch, pointing at the caller's copies of the parameters. */
+static void
+make_mechanism(const batch_t *b, CK_MECHANISM *mech, CK_RSA_PKCS_PSS_PARAMS *pss,
+               CK_RSA_PKCS_OAEP_PARAMS *oaep)
+{
+    mech->mechanism = b->mechanism;
+    switch (b->pkind) {
+    case PARAM_PSS:
+        mech->pParameter = pss;
+        mech->ulParameterLen = sizeof(*pss);
+        break;
+    case PARAM_OAEP:
+        mech->pParameter = oaep;
+        mech->ulParameterLen = sizeof(*oaep);
+        break;
+    default:
+        mech->pParameter = NULL;
+        mech->ulParameterLen = 0;
+        break;
+    }
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -450,21 +473,7 @@ worker_main(void *arg)
     CK_RSA_PKCS_PSS_PARAMS pss = b->pss;
     CK_RSA_PKCS_OAEP_PARAMS oaep = b->oaep;
     CK_MECHANISM mech;
-    mech.mechanism = b->mechanism;
-    switch (b->pkind) {
-    case PARAM_PSS:
-        mech.pParameter = &pss;
-        mech.ulParameterLen = sizeof(pss);
-        break;
-    case PARAM_OAEP:
-        mech.pParameter = &oaep;
-        mech.ulParameterLen = sizeof(oaep);
-        break;
-    default:
-        mech.pParameter = NULL;
-        mech.ulParameterLen = 0;
-        break;
-    }
+    make_mechanism(b, &mech, &pss, &oaep);
 
     unsigned char *scratch = malloc(b->out_len);
     for (;;) {
@@ -558,6 +567,114 @@ parse_param(PyObject *param, batch_t *b)
     PyErr_Format(PyExc_ValueError, "unknown param kind %R; expected 'pss' or 'oaep'",
                  PyTuple_GET_ITEM(param, 0));
     return -1;
+}
+
+/* The checks run_batch and ceiling share: op, out_len, key, mechanism and its param. */
+static int
+parse_operation(batch_t *b, int op, Py_ssize_t out_len, PyObject *key_obj, PyObject *mech_obj,
+                PyObject *param_obj)
+{
+    if (op != OP_SIGN && op != OP_DECRYPT) {
+        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+        return -1;
+    }
+    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
+        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
+                     out_len);
+        return -1;
+    }
+    b->out_len = (CK_ULONG)out_len;
+    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
+        return -1;
+    if (b->key == CK_INVALID_HANDLE) {
+        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
+        return -1;
+    }
+    if (to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0)
+        return -1;
+    return parse_param(param_obj, b);
+}
+
+/*
+ * A list of distinct, valid session handles into a PyMem_Malloc'd array.
+ * Returns -1 with a Python exception set on failure.
+ */
+static int
+parse_sessions(PyObject *sessions_obj, CK_SESSION_HANDLE **out, Py_ssize_t *count)
+{
+    PyObject *seq;
+    CK_SESSION_HANDLE *sessions;
+    Py_ssize_t n, k, j;
+
+    if (!PyList_Check(sessions_obj) && !PyTuple_Check(sessions_obj)) {
+        PyErr_Format(PyExc_TypeError, "sessions must be a list of session handles, not %.100s",
+                     Py_TYPE(sessions_obj)->tp_name);
+        return -1;
+    }
+    seq = PySequence_Fast(sessions_obj, "sessions must be a list");
+    if (seq == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_SESSIONS) {
+        PyErr_Format(PyExc_ValueError, "sessions must hold 1..%d session handles, got %zd",
+                     MAX_SESSIONS, n);
+        Py_DECREF(seq);
+        return -1;
+    }
+    sessions = PyMem_Malloc((size_t)n * sizeof(CK_SESSION_HANDLE));
+    if (sessions == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (k = 0; k < n; k++) {
+        if (to_ck_ulong(PySequence_Fast_GET_ITEM(seq, k), "session handle", &sessions[k]) < 0)
+            goto fail;
+        if (sessions[k] == CK_INVALID_HANDLE) {
+            PyErr_Format(PyExc_ValueError, "sessions[%zd] is 0 (CK_INVALID_HANDLE)", k);
+            goto fail;
+        }
+        for (j = 0; j < k; j++) {
+            if (sessions[j] == sessions[k]) {
+                PyErr_Format(PyExc_ValueError,
+                             "session handle %lu appears twice in sessions; each worker "
+                             "thread needs a session of its own",
+                             (unsigned long)sessions[k]);
+                goto fail;
+            }
+        }
+    }
+    Py_DECREF(seq);
+    *out = sessions;
+    *count = n;
+    return 0;
+
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(sessions);
+    return -1;
+}
+
+/* Point b->init/b->oneshot at the module's sign or decrypt functions. */
+static int
+bind_module(batch_t *b, const char *path, int op)
+{
+    CK_FUNCTION_LIST_PTR fl = get_function_list(path);
+    if (fl == NULL)
+        return -1;
+    if (op == OP_SIGN) {
+        b->init = fl->C_SignInit;
+        b->oneshot = fl->C_Sign;
+    } else {
+        b->init = fl->C_DecryptInit;
+        b->oneshot = fl->C_Decrypt;
+    }
+    if (b->init == NULL || b->oneshot == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "PKCS#11 module %s has no %s", path,
+                     op == OP_SIGN ? "C_SignInit/C_Sign" : "C_DecryptInit/C_Decrypt");
+        return -1;
+    }
+    return 0;
 }
 
 /* Copy every input into one arena; offsets[n] is the total length. */
@@ -661,14 +778,14 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     int stop_on_error = 0;
     int ecdsa_der = 0;
 
-    PyObject *sessions_seq = NULL, *inputs_seq = NULL, *result = NULL;
+    PyObject *inputs_seq = NULL, *result = NULL;
     CK_SESSION_HANDLE *sessions = NULL;
     worker_t *workers = NULL;
     unsigned char *arena = NULL;
     size_t *offsets = NULL;
     item_result *results = NULL;
     size_t n = 0, i;
-    Py_ssize_t nsessions, k, j;
+    Py_ssize_t nsessions = 0;
     batch_t *b = NULL;
 
     (void)self;
@@ -684,68 +801,13 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
         goto done;
     }
 
-    if (op != OP_SIGN && op != OP_DECRYPT) {
-        PyErr_Format(PyExc_ValueError, "op must be 0 (sign) or 1 (decrypt), got %d", op);
+    if (parse_operation(b, op, out_len, key_obj, mech_obj, param_obj) < 0)
         goto done;
-    }
-    if (out_len <= 0 || (size_t)out_len > MAX_OUT_LEN) {
-        PyErr_Format(PyExc_ValueError, "out_len must be in 1..%lu, got %zd", MAX_OUT_LEN,
-                     out_len);
-        goto done;
-    }
-    b->out_len = (CK_ULONG)out_len;
     b->stop_on_error = stop_on_error;
     b->ecdsa_der = ecdsa_der;
 
-    if (to_ck_ulong(key_obj, "key_handle", &b->key) < 0)
+    if (parse_sessions(sessions_obj, &sessions, &nsessions) < 0)
         goto done;
-    if (b->key == CK_INVALID_HANDLE) {
-        PyErr_SetString(PyExc_ValueError, "key_handle 0 is CK_INVALID_HANDLE");
-        goto done;
-    }
-    if (to_ck_ulong(mech_obj, "mechanism", &b->mechanism) < 0)
-        goto done;
-    if (parse_param(param_obj, b) < 0)
-        goto done;
-
-    /* sessions */
-    if (!PyList_Check(sessions_obj) && !PyTuple_Check(sessions_obj)) {
-        PyErr_Format(PyExc_TypeError, "sessions must be a list of session handles, not %.100s",
-                     Py_TYPE(sessions_obj)->tp_name);
-        goto done;
-    }
-    sessions_seq = PySequence_Fast(sessions_obj, "sessions must be a list");
-    if (sessions_seq == NULL)
-        goto done;
-    nsessions = PySequence_Fast_GET_SIZE(sessions_seq);
-    if (nsessions < 1 || nsessions > MAX_SESSIONS) {
-        PyErr_Format(PyExc_ValueError, "sessions must hold 1..%d session handles, got %zd",
-                     MAX_SESSIONS, nsessions);
-        goto done;
-    }
-    sessions = PyMem_Malloc((size_t)nsessions * sizeof(CK_SESSION_HANDLE));
-    if (sessions == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (k = 0; k < nsessions; k++) {
-        if (to_ck_ulong(PySequence_Fast_GET_ITEM(sessions_seq, k), "session handle",
-                        &sessions[k]) < 0)
-            goto done;
-        if (sessions[k] == CK_INVALID_HANDLE) {
-            PyErr_Format(PyExc_ValueError, "sessions[%zd] is 0 (CK_INVALID_HANDLE)", k);
-            goto done;
-        }
-        for (j = 0; j < k; j++) {
-            if (sessions[j] == sessions[k]) {
-                PyErr_Format(PyExc_ValueError,
-                             "session handle %lu appears twice in sessions; each worker "
-                             "thread needs a session of its own",
-                             (unsigned long)sessions[k]);
-                goto done;
-            }
-        }
-    }
 
     /* inputs */
     if (!PyList_Check(inputs_obj) && !PyTuple_Check(inputs_obj)) {
@@ -761,22 +823,8 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
         goto done;
 
     /* the module (after the cheap checks, so argument errors come first) */
-    const char *path = PyBytes_AS_STRING(path_bytes);
-    CK_FUNCTION_LIST_PTR fl = get_function_list(path);
-    if (fl == NULL)
+    if (bind_module(b, PyBytes_AS_STRING(path_bytes), op) < 0)
         goto done;
-    if (op == OP_SIGN) {
-        b->init = fl->C_SignInit;
-        b->oneshot = fl->C_Sign;
-    } else {
-        b->init = fl->C_DecryptInit;
-        b->oneshot = fl->C_Decrypt;
-    }
-    if (b->init == NULL || b->oneshot == NULL) {
-        PyErr_Format(PyExc_RuntimeError, "PKCS#11 module %s has no %s", path,
-                     op == OP_SIGN ? "C_SignInit/C_Sign" : "C_DecryptInit/C_Decrypt");
-        goto done;
-    }
 
     result = PyList_New((Py_ssize_t)n);
     if (result == NULL || n == 0)
@@ -856,7 +904,224 @@ done:
     PyMem_Free(sessions);
     PyMem_Free(b);
     Py_XDECREF(inputs_seq);
-    Py_XDECREF(sessions_seq);
+    Py_XDECREF(path_bytes);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
+/* ceiling                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * The token's ceiling: the plainest C loop over the same two calls per
+ * operation the engine makes (C_xxxInit + C_Sign/C_Decrypt into a buffer of
+ * out_len), one input over and over, nothing kept, no Python anywhere.
+ * Shipped in the extension so that `pip install` users have it too.
+ */
+typedef struct {
+    batch_t *b; /* init, oneshot, mechanism, key, out_len */
+    const unsigned char *input;
+    CK_ULONG input_len;
+    long count;
+    int warmup;
+    atomic_long next;
+    atomic_int failed;
+    atomic_ulong first_rv;
+    pthread_barrier_t start;
+} ceiling_t;
+
+typedef struct {
+    ceiling_t *c;
+    CK_SESSION_HANDLE session;
+    pthread_t tid;
+    int started;
+} ceiling_worker_t;
+
+static CK_RV
+ceiling_op(const batch_t *b, CK_SESSION_HANDLE s, CK_MECHANISM *mech, const unsigned char *in,
+           CK_ULONG in_len, unsigned char *out)
+{
+    CK_ULONG len = b->out_len;
+    CK_RV rv = b->init(s, mech, b->key);
+    if (rv == CKR_OK)
+        rv = b->oneshot(s, (CK_BYTE_PTR)in, in_len, out, &len);
+    return rv;
+}
+
+static void
+ceiling_fail(ceiling_t *c, CK_RV rv)
+{
+    unsigned long zero = 0;
+    atomic_compare_exchange_strong(&c->first_rv, &zero, (unsigned long)rv);
+    atomic_store(&c->failed, 1);
+}
+
+static void *
+ceiling_main(void *arg)
+{
+    ceiling_worker_t *w = arg;
+    ceiling_t *c = w->c;
+    const batch_t *b = c->b;
+    CK_RSA_PKCS_PSS_PARAMS pss = b->pss;
+    CK_RSA_PKCS_OAEP_PARAMS oaep = b->oaep;
+    CK_MECHANISM mech;
+    make_mechanism(b, &mech, &pss, &oaep);
+    unsigned char *out = malloc(b->out_len);
+
+    for (int i = 0; i < c->warmup && out != NULL; i++) {
+        CK_RV rv = ceiling_op(b, w->session, &mech, c->input, c->input_len, out);
+        if (rv != CKR_OK)
+            ceiling_fail(c, rv);
+    }
+    if (out == NULL)
+        ceiling_fail(c, CKR_HOST_MEMORY);
+    pthread_barrier_wait(&c->start);
+    while (!atomic_load_explicit(&c->failed, memory_order_relaxed)) {
+        long i = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (i >= c->count)
+            break;
+        CK_RV rv = ceiling_op(b, w->session, &mech, c->input, c->input_len, out);
+        if (rv != CKR_OK)
+            ceiling_fail(c, rv);
+    }
+    free(out);
+    return NULL;
+}
+
+static double
+clock_seconds(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+PyDoc_STRVAR(ceiling_doc,
+"ceiling(module_path, op, sessions, key_handle, mechanism, param, input, out_len,\n"
+"        count, warmup=1) -> (seconds, cpu_seconds, ck_rv)\n"
+"\n"
+"The token's ceiling: one native thread per session, each looping C_SignInit +\n"
+"C_Sign (op=0) or C_DecryptInit + C_Decrypt (op=1) on the same input until\n"
+"count operations are done between them, after warmup operations per thread\n"
+"that are not timed. Arguments as for run_batch, with one input.\n"
+"\n"
+"Returns the wall and process CPU seconds of the timed part and the CK_RV of\n"
+"the first failed operation (0 when every one succeeded).");
+
+static PyObject *
+ceiling(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"module_path", "op",    "sessions", "key_handle", "mechanism",
+                             "param",       "input", "out_len",  "count",      "warmup",
+                             NULL};
+    PyObject *path_bytes = NULL, *result = NULL;
+    PyObject *sessions_obj, *key_obj, *mech_obj, *param_obj;
+    Py_buffer input = {0};
+    int op, warmup = 1;
+    Py_ssize_t out_len;
+    long count;
+    CK_SESSION_HANDLE *sessions = NULL;
+    Py_ssize_t nsessions = 0, i;
+    ceiling_worker_t *workers = NULL;
+    unsigned char *in_copy = NULL;
+    batch_t *b = NULL;
+    ceiling_t *c = NULL;
+    int barrier = 0;
+
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOy*nl|i:ceiling", kwlist,
+                                     PyUnicode_FSConverter, &path_bytes, &op, &sessions_obj,
+                                     &key_obj, &mech_obj, &param_obj, &input, &out_len, &count,
+                                     &warmup))
+        return NULL;
+    b = PyMem_Calloc(1, sizeof(batch_t));
+    c = PyMem_Calloc(1, sizeof(ceiling_t));
+    in_copy = PyMem_Malloc((size_t)input.len + 1);
+    if (b == NULL || c == NULL || in_copy == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (parse_operation(b, op, out_len, key_obj, mech_obj, param_obj) < 0)
+        goto done;
+    if (count < 1 || warmup < 0) {
+        PyErr_Format(PyExc_ValueError, "count must be >= 1 and warmup >= 0, got %ld and %d",
+                     count, warmup);
+        goto done;
+    }
+    if (parse_sessions(sessions_obj, &sessions, &nsessions) < 0)
+        goto done;
+    if (bind_module(b, PyBytes_AS_STRING(path_bytes), op) < 0)
+        goto done;
+    workers = PyMem_Calloc((size_t)nsessions, sizeof(ceiling_worker_t));
+    if (workers == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(in_copy, input.buf, (size_t)input.len);
+    c->b = b;
+    c->input = in_copy;
+    c->input_len = (CK_ULONG)input.len;
+    c->count = count;
+    c->warmup = warmup;
+    atomic_init(&c->next, 0);
+    atomic_init(&c->failed, 0);
+    atomic_init(&c->first_rv, 0);
+
+    double wall = 0, cpu = 0;
+    int create_failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t started = 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    sigdelset(&all, SIGABRT);
+    pthread_barrier_init(&c->start, NULL, (unsigned)nsessions + 1);
+    barrier = 1;
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (i = 0; i < nsessions; i++) {
+        workers[i].c = c;
+        workers[i].session = sessions[i];
+        if (pthread_create(&workers[i].tid, NULL, ceiling_main, &workers[i]) != 0)
+            break;
+        workers[i].started = 1;
+        started++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (started < nsessions) {
+        /* The barrier counts every session: stand in for the threads never made. */
+        create_failed = 1;
+        atomic_store(&c->failed, 1);
+        for (i = started; i < nsessions; i++)
+            pthread_barrier_wait(&c->start);
+    }
+    pthread_barrier_wait(&c->start);
+    double wall0 = clock_seconds(CLOCK_MONOTONIC);
+    double cpu0 = clock_seconds(CLOCK_PROCESS_CPUTIME_ID);
+    for (i = 0; i < nsessions; i++)
+        if (workers[i].started)
+            pthread_join(workers[i].tid, NULL);
+    wall = clock_seconds(CLOCK_MONOTONIC) - wall0;
+    cpu = clock_seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
+    Py_END_ALLOW_THREADS
+
+    if (create_failed) {
+        PyErr_SetString(PyExc_RuntimeError, "could not create the ceiling's threads");
+        goto done;
+    }
+    result = Py_BuildValue("(ddk)", wall, cpu, (unsigned long)atomic_load(&c->first_rv));
+
+done:
+    if (barrier)
+        pthread_barrier_destroy(&c->start);
+    PyMem_Free(workers);
+    PyMem_Free(sessions);
+    PyMem_Free(in_copy);
+    PyMem_Free(c);
+    PyMem_Free(b);
+    PyBuffer_Release(&input);
     Py_XDECREF(path_bytes);
     return result;
 }
@@ -869,12 +1134,13 @@ static PyMethodDef native_methods[] = {
     {"run_batch", (PyCFunction)(void (*)(void))run_batch, METH_VARARGS | METH_KEYWORDS,
      run_batch_doc},
     {"use_function_list", use_function_list, METH_VARARGS, use_function_list_doc},
+    {"ceiling", (PyCFunction)(void (*)(void))ceiling, METH_VARARGS | METH_KEYWORDS, ceiling_doc},
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(module_doc,
 "Native batch engine: PKCS#11 sign/decrypt over a set of sessions with the GIL\n"
-"released once per batch.  See native/README.md.");
+"released once per batch, and the token's ceiling loop.  See native/README.md.");
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "hsmbridge._native", module_doc, -1, native_methods,

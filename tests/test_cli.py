@@ -259,11 +259,11 @@ def test_serve_errors_are_one_line(softhsm_token: SoftToken, tmp_path: Path) -> 
     _one_error_line(r, 1, "cannot read --tls-cert")
 
 
-@pytest.mark.parametrize("command", [["demo"], ["bench"]])
+@pytest.mark.parametrize("command", [["demo", "--count"], ["bench", "--rounds"]])
 def test_negative_counts_are_usage_errors(softhsm_token: SoftToken, command: list[str]) -> None:
     for bad in ("-5", "0", "many"):
-        r = run(softhsm_token, *command, "--count", bad)
-        _one_error_line(r, 2, "--count")
+        r = run(softhsm_token, *command, bad)
+        _one_error_line(r, 2, command[1])
 
 
 def test_bash_completion(softhsm_token: SoftToken) -> None:
