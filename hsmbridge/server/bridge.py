@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..api import HSM, Key
-from ..errors import HSMError, KeyExists, KeyNotFound
+from ..errors import HSMError, HSMUnavailable, KeyExists, KeyNotFound
 from .auth import CredentialCache, hash_passphrase, parse_basic, verify_passphrase
 from .errors import ApiError, bad_request, not_found
-from .state import KeyRecord, Store, UserRecord
+from .state import KeyRecord, UserRecord, open_store
 
 log = logging.getLogger("hsmbridge.server")
 
@@ -85,44 +85,56 @@ def check_user_id(value: str) -> str:
 class Bridge:
     """NetHSM semantics over an :class:`hsmbridge.HSM` and a :class:`Store`."""
 
-    def __init__(self, hsm: HSM, state_dir: Path, tls_cert: Path | None = None) -> None:
+    def __init__(
+        self,
+        hsm: HSM,
+        state_dir: Path,
+        tls_cert: Path | None = None,
+        database: str | None = None,
+    ) -> None:
         self.hsm = hsm
         self.state_dir = state_dir
         self.tls_cert = tls_cert
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(state_dir / "hsmbridge-server.sqlite3")
+        self.store = open_store(database, state_dir)
         self.creds = CredentialCache()
+        self.store.on_failed_login = self.creds.record_failure
         self.started = time.time()
-        self._state_lock = threading.Lock()
         self._keys: dict[str, Key] = {}
         self._keys_lock = threading.Lock()
         self._dummy_hash = hash_passphrase("hsmbridge-no-such-user")
-        if self.store.get_setting("provisioned") != "1":
-            self._state = UNPROVISIONED
-        elif self.store.get_setting("unattended_boot") == "on":
-            self._state = OPERATIONAL
-        else:
-            self._state = LOCKED
+        # A lone bridge starts Locked (or Operational with unattended boot); a replica
+        # joining others takes the lock state they share.
+        if self.store.get_setting("provisioned") == "1" and not (
+            self.store.shared and self.store.get_setting("state") is not None
+        ):
+            boot = OPERATIONAL if self.store.get_setting("unattended_boot") == "on" else LOCKED
+            self.store.set_settings(state=boot)
         self.reconcile()
 
     # -- state -----------------------------------------------------------------------
 
     @property
     def state(self) -> str:
-        return self._state
+        """Unprovisioned, Locked or Operational: one state for every replica of a database."""
+        if self.store.get_setting("provisioned") != "1":
+            return UNPROVISIONED
+        return self.store.get_setting("state") or LOCKED
 
     def require_state(self, *states: str) -> None:
-        if self._state not in states:
+        state = self.state
+        if state not in states:
             raise ApiError(
                 412,
-                f"precondition failed: the bridge is {self._state}, this needs "
-                + " or ".join(states),
+                f"precondition failed: the bridge is {state}, this needs " + " or ".join(states),
             )
 
     def set_state(self, expected: str, new: str) -> None:
-        with self._state_lock:
-            self.require_state(expected)
-            self._state = new
+        """Move from ``expected`` to ``new`` (atomic: of two replicas racing, one wins)."""
+        self.require_state(expected)
+        if not self.store.swap_setting("state", expected, new):
+            self.require_state(expected)  # another replica changed it meanwhile: say to what
+            raise ApiError(412, f"precondition failed: the bridge is no longer {expected}")
 
     # -- authentication ----------------------------------------------------------
 
@@ -146,6 +158,7 @@ class Bridge:
                 self.creds.remember(user_id, passphrase, user.pass_hash)
         if not ok or user is None:
             self.creds.record_failure(req.client, user_id)
+            self.store.share_failed_login(req.client, user_id)
             raise ApiError(
                 401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}
             )
@@ -199,12 +212,15 @@ class Bridge:
     def create_key(self, rec: KeyRecord, make: Callable[[str], Key]) -> bool:
         """Create a key two-phase; False if its id is taken.
 
-        The ``pending`` record is committed first, so a crash during
-        ``make(backend_label)`` is undone on the next start (:meth:`reconcile`).
-        A backend label taken in the token (e.g. by a moved key) gets a suffix.
+        The ``pending`` record (owned by this replica) is committed first, so a
+        crash during ``make(backend_label)`` is undone by :meth:`reconcile` on
+        any replica once this one's lease runs out. A backend label taken in the
+        token (e.g. by a moved key) gets a suffix.
         """
-        if not self.store.register_key(rec):
+        registered = self.store.register_key(replace(rec, status="pending"))
+        if registered is None:
             return False
+        rec = registered
         try:
             try:
                 key = make(rec.backend_label)
@@ -214,14 +230,21 @@ class Bridge:
         except BaseException:
             self.store.remove_key(rec.id)
             raise
-        self.store.save_key(replace(rec, status="ready"))
+        if not self.store.finish_key(rec):
+            # this replica was taken for dead and its pending key cleaned up meanwhile
+            self.destroy_backend_key(rec.backend_id)
+            raise HSMUnavailable(
+                f"creating key {rec.id} took longer than the replica lease and was undone; "
+                "retry the request"
+            )
         with self._keys_lock:
             self._keys[rec.backend_id] = key
         return True
 
     def delete_key(self, rec: KeyRecord) -> None:
         """Delete a key two-phase: mark it ``deleting``, destroy it in the HSM, drop the record."""
-        self.store.save_key(replace(rec, status="deleting"))
+        if not self.store.mark_deleting(rec):
+            raise not_found(f"key {rec.id}")  # another request deleted or moved it meanwhile
         self.destroy_backend_key(rec.backend_id)
         self.store.remove_key(rec.id)
 
@@ -250,7 +273,11 @@ class Bridge:
             self.hsm.get_key(key_id=backend_id).delete()
 
     def reconcile(self) -> None:
-        """Finish or undo key creations and deletions a crash interrupted."""
+        """Finish or undo key creations and deletions that a dead replica left unfinished.
+
+        Only rows whose owner stopped heartbeating: never a key another live
+        replica is creating or deleting.
+        """
         for rec in self.store.unfinished():
             try:
                 self.destroy_backend_key(rec.backend_id)
@@ -260,6 +287,12 @@ class Bridge:
             self.store.remove_key(rec.id)
             log.info("removed key %s left %s by an interrupted request", rec.id, rec.status)
 
+    def maintain(self) -> None:
+        """Periodic upkeep: write operation counts, heartbeat, clean up after dead replicas."""
+        self.store.flush_operations()
+        self.store.heartbeat()
+        self.reconcile()
+
     # -- users -----------------------------------------------------------------------
 
     def new_user(self, user_id: str, real_name: str, role: str, passphrase: str) -> UserRecord:
@@ -267,10 +300,9 @@ class Bridge:
 
     def provision(self, admin: UserRecord, unlock_hash: str) -> None:
         """Store the first administrator and unlock passphrase; Unprovisioned -> Operational."""
-        with self._state_lock:
-            self.require_state(UNPROVISIONED)
-            self.store.provision(admin, unlock_hash)
-            self._state = OPERATIONAL
+        self.require_state(UNPROVISIONED)
+        if not self.store.provision(admin, unlock_hash, OPERATIONAL):
+            self.require_state(UNPROVISIONED)  # another replica provisioned first: 412
 
     def close(self) -> None:
         self.store.close()

@@ -155,10 +155,13 @@ def serve(
     pin: str | None = None,
     *,
     threads: int = DEFAULT_THREADS,
+    database: str | None = None,
 ) -> None:
     """Serve the NetHSM API over the HSM at ``hsm_uri`` until SIGTERM/SIGINT.
 
     ``pin`` overrides the URI's PIN (else pin-value/pin-source/HSMBRIDGE_PIN).
+    ``database`` is a ``postgresql://`` URI shared by replicas (default: SQLite
+    in ``state_dir``); it is checked before the HSM is opened.
     """
 
     import hsmbridge
@@ -173,15 +176,24 @@ def serve(
         # (the pool opens them only as concurrency demands).
         options["max_sessions"] = threads
     try:
+        if database:
+            from .state_pg import check_conninfo
+
+            check_conninfo(database)
         hsm = hsmbridge.open(hsm_uri, **options)
     except BaseException:
         sock.close()
         raise
-    bridge = Bridge(hsm, state, cert)
+    try:
+        bridge = Bridge(hsm, state, cert, database)
+    except BaseException:
+        sock.close()
+        hsm.close()
+        raise
     try:
         print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
         print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
-        print(f"state: {bridge.state} (database {bridge.store.path})", flush=True)
+        print(f"state: {bridge.state} ({bridge.store.description})", flush=True)
         config = _uvicorn_config(build_app(bridge, threads), cert, key, threads)
         _graceful_server(config).run(sockets=[sock])
         print("hsmbridge serve: stopped", flush=True)
@@ -228,6 +240,7 @@ def start_in_thread(
     tls_key: str | Path | None = None,
     threads: int = DEFAULT_THREADS,
     startup_timeout: float = 30.0,
+    database: str | None = None,
 ) -> RunningServer:
     """Serve ``hsm`` from a background thread of this process (port 0: a free one).
 
@@ -240,7 +253,7 @@ def start_in_thread(
     state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
     sock = _bind(host, port)
-    bridge = Bridge(hsm, state, cert)
+    bridge = Bridge(hsm, state, cert, database)
     bound_port = sock.getsockname()[1]
     config = _uvicorn_config(build_app(bridge, threads), cert, key, threads, graceful=1)
     server = uvicorn.Server(config)
