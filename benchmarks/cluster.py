@@ -160,9 +160,16 @@ class Replica:
             "--listen", f"127.0.0.1:{self.port}", "--state-dir", str(directory / "state"),
             "--tls-cert", str(cert), "--tls-key", str(key), "--database", database,
         ]  # fmt: skip
-        full_env = {**os.environ, **token.env(), "HSMBRIDGE_PIN": token.pin, **env}
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        self._cmd = cmd
+        self._env = {**os.environ, **token.env(), "HSMBRIDGE_PIN": token.pin, **env}
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, on the same port and directory: a restarted replica)."""
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                self._cmd, env=self._env, stdout=out, stderr=subprocess.STDOUT
+            )
 
     @property
     def hostport(self) -> str:
@@ -268,12 +275,13 @@ class Cluster:
         default_factory=lambda: Credentials("metrics", "metrics-passphrase-0")
     )
     unlock_passphrase: str = field(default="unlock-passphrase-0", repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # for every replica
 
     def add_replica(self) -> Replica:
         n = len(self.replicas)
         replica = Replica(
             self.token, self.directory / f"replica{n}", self.cert, self.key,
-            self.postgres.url, self.postgres.env(),
+            self.postgres.url, {**self.postgres.env(), **self.env},
         )  # fmt: skip
         self.replicas.append(replica)
         return replica
@@ -319,15 +327,27 @@ class Cluster:
     def stop(self) -> None:
         if self.haproxy is not None:
             self.haproxy.stop()
+        for replica in self.replicas:  # SIGTERM to all first: they shut down side by side
+            if replica.process.poll() is None:
+                replica.process.terminate()
         for replica in self.replicas:
             replica.stop()
 
 
-def start_cluster(token: SoftToken, directory: Path, replicas: int, postgres: Postgres) -> Cluster:
-    """``replicas`` bridges on ``postgres`` over ``token``, provisioned, behind HAProxy."""
+def start_cluster(
+    token: SoftToken,
+    directory: Path,
+    replicas: int,
+    postgres: Postgres,
+    env: dict[str, str] | None = None,
+) -> Cluster:
+    """``replicas`` bridges on ``postgres`` over ``token``, provisioned, behind HAProxy.
+
+    ``env`` is added to every replica's environment (e.g. a short replica lease).
+    """
     (directory / "tls").mkdir(parents=True)
     cert, key = tls.ensure_self_signed(directory / "tls")  # one certificate for all
-    cluster = Cluster(postgres, token, directory, cert, key, tls.fingerprint(cert))
+    cluster = Cluster(postgres, token, directory, cert, key, tls.fingerprint(cert), env=env or {})
     try:
         for _ in range(replicas):
             cluster.add_replica()

@@ -25,6 +25,7 @@ commit also tells the others to drop theirs (:meth:`Store.invalidate`).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -79,9 +80,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 )
 
 #: Seconds without a heartbeat after which a replica's unfinished keys are cleaned up.
-#: Replicas heartbeat every few seconds (:meth:`Store.heartbeat`), so only a dead
-#: (or frozen for this long) replica loses its half-made keys.
+#: Replicas heartbeat every 2 s (:meth:`Store.heartbeat`), so only a dead (or frozen
+#: for this long) replica loses its half-made keys. ``HSMBRIDGE_REPLICA_LEASE`` sets it.
 LEASE_SECONDS = 30.0
+LEASE_ENV = "HSMBRIDGE_REPLICA_LEASE"
+
+
+def lease_seconds() -> float:
+    """The replica lease: :data:`LEASE_SECONDS`, or ``$HSMBRIDGE_REPLICA_LEASE`` (>= 5 s)."""
+    value = os.environ.get(LEASE_ENV)
+    if value is None:
+        return LEASE_SECONDS
+    try:
+        lease = float(value)
+    except ValueError:
+        lease = -1.0
+    if not 5.0 <= lease <= 3600.0:
+        raise ConfigurationError(
+            f"{LEASE_ENV} must be a number of seconds between 5 and 3600 (heartbeats come "
+            f"every 2 s), got {value[:20]!r}"
+        )
+    return lease
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self.replica_id = secrets.token_hex(8)
+        self.lease = lease_seconds()
         self._lock = threading.RLock()
         self._ops: deque[str] = deque()  # backend ids of operations not yet written
         self._users: dict[str, UserRecord] = {}  # id -> record, as in the database
@@ -243,11 +263,11 @@ class Store(ABC):
         with self._lock:
             if self._closed:
                 return
+            self._closed = True
             self.flush_operations()
             with self.transaction() as tx:
                 tx.execute("DELETE FROM replicas WHERE id=?", (self.replica_id,))
-            self._close()
-            self._closed = True
+        self._close()  # outside the lock: a listener thread may be waiting for it
 
     # -- replicas ------------------------------------------------------------------
 
@@ -264,7 +284,7 @@ class Store(ABC):
         with self._lock:
             rows = self._query(
                 f"SELECT id FROM replicas WHERE heartbeat > {self.NOW_SQL} - ? ORDER BY id",
-                (LEASE_SECONDS,),
+                (self.lease,),
             )
         return [r["id"] for r in rows]
 
@@ -409,7 +429,7 @@ class Store(ABC):
             rows = self._query(
                 "SELECT * FROM keys WHERE status!='ready' AND owner!=? AND owner NOT IN "
                 f"(SELECT id FROM replicas WHERE heartbeat > {self.NOW_SQL} - ?)",
-                (self.replica_id, LEASE_SECONDS),
+                (self.replica_id, self.lease),
             )
             return [_key(r) for r in rows]
 
