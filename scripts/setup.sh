@@ -11,6 +11,8 @@ extras=""
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 packages="softhsm2 opensc openssl gcc python3-venv python3-dev"
+# the replica tests run a real PostgreSQL and HAProxy (tests/replica_fixtures.py)
+[ "${1:-}" = "--test" ] && packages="$packages postgresql haproxy"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
