@@ -147,9 +147,10 @@ class Replica:
     """One ``hsmbridge serve`` process; ``kill()`` is SIGKILL, ``stop()`` SIGTERM."""
 
     def __init__(
-        self, token: SoftToken, directory: Path, cert: Path, key: Path, database: str,
-        env: dict[str, str],
+        self, token: SoftToken, directory: Path, cert: Path, key: Path,
+        database: str | None, env: dict[str, str],
     ) -> None:  # fmt: skip
+        """``database``: a postgresql:// URI, or None for SQLite in the replica's directory."""
         self.port = free_port()
         self.directory = directory
         self.cert = cert
@@ -158,7 +159,8 @@ class Replica:
         cmd = [
             sys.executable, "-c", SERVE, "--hsm", token.uri, "serve",
             "--listen", f"127.0.0.1:{self.port}", "--state-dir", str(directory / "state"),
-            "--tls-cert", str(cert), "--tls-key", str(key), "--database", database,
+            "--tls-cert", str(cert), "--tls-key", str(key),
+            *(("--database", database) if database else ()),
         ]  # fmt: skip
         self._cmd = cmd
         self._env = {**os.environ, **token.env(), "HSMBRIDGE_PIN": token.pin, **env}
@@ -200,6 +202,7 @@ class HAProxy:
 
     def __init__(self, directory: Path, backends: list[str], ca_file: Path) -> None:
         self.port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "haproxy.cfg"
         servers = "\n".join(
             f"    server r{i} {hp} check check-ssl verify required ca-file {ca_file}"
