@@ -47,6 +47,7 @@ from hsmbridge.server.testing import Credentials, provision
 from hsmbridge.softhsm import make_tokens
 
 from .cluster import HAProxy, Postgres, Replica, _Direct, start_cluster
+from .serving import run_clients
 
 REQUESTS = int(os.environ.get("HSMBRIDGE_REPLICA_BENCH_REQUESTS", "1500"))
 ROUNDS = int(os.environ.get("HSMBRIDGE_REPLICA_BENCH_ROUNDS", "3"))
@@ -93,11 +94,7 @@ def drive(url: str, ca: str, who: Credentials, make: Callable[[int], tuple[str, 
                     errors.append(f"{r.status_code} {r.text[:200]}")
                     return
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_clients(client, CLIENTS)
     assert not errors, errors[:3]
     return REQUESTS
 

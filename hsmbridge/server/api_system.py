@@ -64,7 +64,7 @@ def unlock(b: Bridge, req: Req) -> Response:
     b.creds.check_rate(req.client, "<unlock>")
     stored = b.store.get_setting("unlock_hash") or ""
     if not verify_passphrase(stored, passphrase):
-        b.creds.record_failure(req.client, "<unlock>")
+        b.failed_login(req.client, "<unlock>")
         raise ApiError(403, "unlock failed: wrong unlock passphrase")
     b.set_state(LOCKED, OPERATIONAL)
     return Response(status_code=204)

@@ -103,10 +103,11 @@ class Bridge:
         self._keys: dict[str, Key] = {}
         self._keys_lock = threading.Lock()
         self._dummy_hash = hash_passphrase("hsmbridge-no-such-user")
-        # A lone bridge starts Locked (or Operational with unattended boot); a replica
-        # joining others takes the lock state they share.
-        if self.store.get_setting("provisioned") == "1" and not (
-            self.store.shared and self.store.get_setting("state") is not None
+        # The first replica to start comes up Locked (or Operational with unattended
+        # boot), like the appliance; a replica joining live others takes their state.
+        others = set(self.store.live_replicas()) - {self.store.replica_id}
+        if self.store.get_setting("provisioned") == "1" and (
+            not others or self.store.get_setting("state") is None
         ):
             boot = OPERATIONAL if self.store.get_setting("unattended_boot") == "on" else LOCKED
             self.store.set_settings(state=boot)
@@ -157,8 +158,7 @@ class Bridge:
             if ok and user is not None:
                 self.creds.remember(user_id, passphrase, user.pass_hash)
         if not ok or user is None:
-            self.creds.record_failure(req.client, user_id)
-            self.store.share_failed_login(req.client, user_id)
+            self.failed_login(req.client, user_id)
             raise ApiError(
                 401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}
             )
@@ -167,6 +167,11 @@ class Bridge:
                 403, f"access denied: this needs the role {' or '.join(roles)}, not {user.role}"
             )
         return user
+
+    def failed_login(self, client: str, user: str) -> None:
+        """Throttle ``client`` and ``user`` for a second, on every replica."""
+        self.creds.record_failure(client, user)
+        self.store.share_failed_login(client, user)
 
     # -- keys ------------------------------------------------------------------------
 

@@ -167,8 +167,6 @@ class Store(ABC):
     dict lookups and operations are counted by appending to a deque.
     """
 
-    #: Several replicas share this database (their lock state, keys and users).
-    shared = False
     #: The engine's SQL for "now" in seconds since the epoch (the database's clock).
     NOW_SQL = ""
     TYPES: Mapping[str, str] = {}

@@ -79,7 +79,6 @@ def check_conninfo(conninfo: str) -> dict[str, Any]:
 class PostgresStore(Store):
     """One connection for requests plus one listening for other replicas' changes."""
 
-    shared = True
     NOW_SQL = "extract(epoch from clock_timestamp())"
     TYPES = {"bytes": "BYTEA", "bigint": "BIGINT"}
 
