@@ -104,6 +104,23 @@ def test_postgres_migrations_and_unique_ids(
             store.close()
 
 
+def test_recovery_never_removes_a_reused_id(tmp_path: Path) -> None:
+    """Two replicas recovering one stale key: the slower one must not delete the id's new key."""
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    try:
+        stale = KeyRecord("k", "EC_P256", (), "old-backend", "k", status="pending")
+        with store.transaction() as tx:
+            store.put_key(tx, stale)
+        (listed,) = store.unfinished()  # both replicas list it
+        store.remove_key(listed.id, listed.backend_id)  # the first cleans up
+        fresh = store.register_key(KeyRecord("k", "EC_P256", (), "new-backend", "k"))
+        assert fresh is not None and store.finish_key(fresh)  # the id is reused
+        store.remove_key(listed.id, listed.backend_id)  # the second, late
+        assert store.get_key("k") is not None
+    finally:
+        store.close()
+
+
 def test_database_option_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="PGPASSWORD"):
         open_store("postgresql://hsmbridge:secret@localhost/hsmbridge", tmp_path)

@@ -222,7 +222,7 @@ class Bridge:
         any replica once this one's lease runs out. A backend label taken in the
         token (e.g. by a moved key) gets a suffix.
         """
-        registered = self.store.register_key(replace(rec, status="pending"))
+        registered = self.store.register_key(rec)
         if registered is None:
             return False
         rec = registered
@@ -233,7 +233,7 @@ class Bridge:
                 rec = replace(rec, backend_label=f"{rec.id}.{rec.backend_id[:8]}")
                 key = make(rec.backend_label)
         except BaseException:
-            self.store.remove_key(rec.id)
+            self.store.remove_key(rec.id, rec.backend_id)
             raise
         if not self.store.finish_key(rec):
             # this replica was taken for dead and its pending key cleaned up meanwhile
@@ -251,7 +251,7 @@ class Bridge:
         if not self.store.mark_deleting(rec):
             raise not_found(f"key {rec.id}")  # another request deleted or moved it meanwhile
         self.destroy_backend_key(rec.backend_id)
-        self.store.remove_key(rec.id)
+        self.store.remove_key(rec.id, rec.backend_id)
 
     def check_tags(self, user: UserRecord | None, rec: KeyRecord) -> None:
         """An operator may use a tagged key only if it shares one of its tags."""
@@ -289,7 +289,7 @@ class Bridge:
             except HSMError as exc:
                 log.warning("could not clean up key %s (%s): %s", rec.id, rec.status, exc.message)
                 continue
-            self.store.remove_key(rec.id)
+            self.store.remove_key(rec.id, rec.backend_id)
             log.info("removed key %s left %s by an interrupted request", rec.id, rec.status)
 
     def maintain(self) -> None:

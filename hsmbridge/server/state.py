@@ -270,12 +270,18 @@ class Store(ABC):
     # -- replicas ------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """Say this replica is alive (its unfinished keys are its own for a lease)."""
+        """Say this replica is alive (its unfinished keys are its own for a lease).
+
+        Replicas silent for two leases leave the list (a missing owner is a dead one).
+        """
         with self._lock, self._begin() as tx:
             tx.execute(
                 f"INSERT INTO replicas(id, heartbeat) VALUES(?, {self.NOW_SQL}) "
                 "ON CONFLICT(id) DO UPDATE SET heartbeat=excluded.heartbeat",
                 (self.replica_id,),
+            )
+            tx.execute(
+                f"DELETE FROM replicas WHERE heartbeat < {self.NOW_SQL} - ?", (2 * self.lease,)
             )
 
     def live_replicas(self) -> list[str]:
@@ -432,11 +438,12 @@ class Store(ABC):
             return [_key(r) for r in rows]
 
     def register_key(self, rec: KeyRecord) -> KeyRecord | None:
-        """Insert a new key record owned by this replica; None if its id is taken.
+        """Insert a new ``pending`` key record owned by this replica; None if its id is taken.
 
-        The id's uniqueness is the table's primary key, not a check before the insert.
+        The id's uniqueness is the table's primary key, not a check before the
+        insert. :meth:`finish_key` makes it ready once the HSM holds the key.
         """
-        rec = replace(rec, owner=self.replica_id)
+        rec = replace(rec, owner=self.replica_id, status="pending")
         with self.transaction() as tx:
             cursor = tx.execute(
                 f"INSERT INTO keys({_KEY_COLUMNS}) VALUES({_KEY_MARKS}) ON CONFLICT(id) DO NOTHING",
@@ -486,9 +493,17 @@ class Store(ABC):
                 ),
             )
 
-    def remove_key(self, key_id: str) -> None:
+    def remove_key(self, key_id: str, backend_id: str | None = None) -> None:
+        """Delete a key's record; with ``backend_id``, only if it is still that key's.
+
+        Recovery and two-phase deletes pass it: meanwhile another replica may
+        have given the id to a new key, whose record must stay.
+        """
         with self.transaction() as tx:
-            Store.delete_key(tx, key_id)
+            if backend_id is None:
+                Store.delete_key(tx, key_id)
+            else:
+                tx.execute("DELETE FROM keys WHERE id=? AND backend_id=?", (key_id, backend_id))
 
     def move_key(self, old_id: str, new_id: str) -> bool:
         """Give a key a new id, keeping its backend key and count; False if ``new_id`` is taken.
