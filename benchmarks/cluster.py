@@ -182,7 +182,21 @@ class Replica:
         return f"https://{self.hostport}/api/v1"
 
     def wait_ready(self) -> None:
-        wait_ready(self.url, self.cert, self.process, self.log)
+        """Until it serves; a start that did not find the token is retried (3 times).
+
+        In one full-suite run, replicas started right after the batch-engine
+        tests found only the second token of the session's SoftHSM2 directory;
+        the cause is not established (a token being rewritten is skipped?).
+        """
+        for attempt in range(4):
+            try:
+                wait_ready(self.url, self.cert, self.process, self.log)
+                return
+            except RuntimeError as exc:
+                if "TokenNotFound" not in str(exc) or attempt == 3:
+                    raise
+            time.sleep(1.0)
+            self.start()
 
     def kill(self) -> None:
         self.process.kill()
