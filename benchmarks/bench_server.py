@@ -72,6 +72,7 @@ class Served:
     key_id: str
     public: rsa.RSAPublicKey
     direct: hsmbridge.Key
+    pid: int  # of the server process
 
 
 def _session(cert: Path, auth: tuple[str, str]) -> requests.Session:
@@ -115,7 +116,7 @@ def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -
         assert direct.public_key_der() == public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        yield Served(url, cert, key_id, public, direct)
+        yield Served(url, cert, key_id, public, direct, process.pid)
         with _session(cert, ADMIN) as s:
             s.delete(f"{url}/keys/{key_id}", timeout=30)
     finally:

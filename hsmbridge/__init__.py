@@ -44,7 +44,9 @@ def open(uri: str | None = None, **options: Any) -> HSM:
     """Open an HSM by URI: ``pkcs11:...`` (RFC 7512) or ``nethsm://USER@HOST:PORT``.
 
     Without a URI, ``HSMBRIDGE_HSM`` is used. Options: ``pin=`` (PKCS#11),
-    ``max_sessions=``; for NetHSM ``password=``, ``verify=``, ``timeout=``.
+    ``max_sessions=`` (or ``x-max-sessions`` in the URI); for NetHSM ``password=``,
+    ``verify=``, ``timeout=``. A PKCS#11 URI naming a key (``object=``, ``id=``)
+    makes it ``hsm.key``.
     """
     uri = uri or os.environ.get(HSM_ENV)
     if not uri:
@@ -53,24 +55,23 @@ def open(uri: str | None = None, **options: Any) -> HSM:
             f"or 'nethsm://operator@host:8443', or set {HSM_ENV}"
         )
     if uri.startswith("pkcs11:"):
-        from .pkcs11 import Pkcs11HSM
+        from .pkcs11.opening import open_pkcs11
         from .uri import parse_pkcs11_uri
 
         pin = options.pop("pin", None)
         if pin is not None and not isinstance(pin, str):
             raise ConfigurationError(f"pin= must be a str, not {type(pin).__name__}")
         parsed = parse_pkcs11_uri(uri, pin=pin)
-        return Pkcs11HSM(parsed, **options)
+        return open_pkcs11(parsed, **options)
     if uri.startswith("nethsm://"):
         try:
             from .nethsm import NetHSM
         except ImportError:
             raise ConfigurationError("the NetHSM backend is not available in this build") from None
         return NetHSM.from_uri(uri, **options)  # type: ignore[no-any-return]
-    from .uri import _redact
-
+    # The URI is not quoted: a mistyped one may carry a PIN or password.
     raise ConfigurationError(
-        f"unknown HSM URI scheme in {_redact(uri)!r}; use 'pkcs11:...' or 'nethsm://...'"
+        "unknown HSM URI scheme; use 'pkcs11:...' (RFC 7512) or 'nethsm://USER@HOST:PORT'"
     )
 
 

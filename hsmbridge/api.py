@@ -726,8 +726,20 @@ class HSM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Key:
-        """Exactly one key by label or id; :class:`KeyNotFound` / :class:`AmbiguousKey` else."""
+    def get_key(
+        self, label: str | None = None, *, key_id: str | None = None, uri: str | None = None
+    ) -> Key:
+        """Exactly one key by label, id, or (PKCS#11) an RFC 7512 URI naming it
+        (``pkcs11:object=payments;type=private``); :class:`KeyNotFound` /
+        :class:`AmbiguousKey` else."""
+
+    @property
+    def key(self) -> Key:
+        """The key the URI this HSM was opened with names (``object=`` / ``id=``)."""
+        raise InvalidInput(
+            f"the URI {self.description} was opened with names no key; add object=LABEL or "
+            "id=%HEX to it, or use get_key"
+        )
 
     @abc.abstractmethod
     def list_keys(self) -> list[KeyInfo]:
@@ -760,6 +772,10 @@ class HSM(abc.ABC):
         """
         keys = [self.get_key(key_id=info.id) for info in self.list_keys()]
         return [k for k in keys if (c := k.certificate()) is not None and c.subject == name]
+
+    def info(self) -> dict[str, Any]:
+        """What hsmbridge knows about this HSM, for ``hsmbridge info`` (plain values)."""
+        return {"hsm": self.description}
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release sessions or connections. Idempotent."""

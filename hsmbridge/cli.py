@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
@@ -28,6 +29,7 @@ DATABASE_ENV = "HSMBRIDGE_DATABASE"
 FORMATS = ("pem", "der", "jwk", "upload-json")
 #: what ``--key-type`` may say for upload-json; payment providers ask for RSA
 UPLOAD_KEY_TYPES = ("rsa", "ec", "any")
+KEY_HELP = "the key's label, or an RFC 7512 URI naming it (pkcs11:object=LABEL;type=private)"
 
 Command = Callable[[argparse.Namespace], int | None]
 HSMCommand = Callable[[HSM, argparse.Namespace], int | None]
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
     for add_command in (
-        _add_keygen, _add_list, _add_pubkey, _add_sign_decrypt, _add_delete, _add_csr,
+        _add_keygen, _add_list, _add_info, _add_pubkey, _add_sign_decrypt, _add_delete, _add_csr,
         _add_cert, _add_demo, _add_bench, _add_serve, _add_completion,
     ):  # fmt: skip
         add_command(add, common)
@@ -137,6 +139,30 @@ def _print_table(rows: list[dict[str, Any]], headers: list[str], out: IO[str]) -
 # -- key commands ----------------------------------------------------------------------
 
 
+def _key(hsm: HSM, label: str) -> Key:
+    """A key by label, or by an RFC 7512 URI where a label is expected."""
+    if label.startswith("pkcs11:"):
+        return hsm.get_key(uri=label)
+    return hsm.get_key(label)
+
+
+def _add_info(add: Adder, common: _Parser) -> None:
+    add("info", "what hsmbridge learned about the token or HSM").set_defaults(
+        run=_with_hsm(cmd_info)
+    )
+
+
+def cmd_info(hsm: HSM, args: argparse.Namespace) -> None:
+    info = hsm.info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    width = max(len(name) for name in info)
+    for name, value in info.items():
+        text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        print(f"{name.ljust(width)}  {text}")
+
+
 def _add_keygen(add: Adder, common: _Parser) -> None:
     p = add("keygen", "generate a key pair inside the HSM")
     p.add_argument(
@@ -172,7 +198,7 @@ def cmd_list(hsm: HSM, args: argparse.Namespace) -> None:
 
 def _add_pubkey(add: Adder, common: _Parser) -> None:
     p = add("pubkey", "export a public key")
-    p.add_argument("label")
+    p.add_argument("label", help=KEY_HELP)
     p.add_argument("--format", choices=FORMATS, default="pem")
     p.add_argument(
         "--min-bits", type=positive_int, default=2048, help="for upload-json (default 2048)"
@@ -188,7 +214,7 @@ def _add_pubkey(add: Adder, common: _Parser) -> None:
 
 
 def cmd_pubkey(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     data: bytes
     if args.format == "pem":
         data = key.public_key_pem().encode()
@@ -205,7 +231,7 @@ def cmd_pubkey(hsm: HSM, args: argparse.Namespace) -> None:
 def _add_sign_decrypt(add: Adder, common: _Parser) -> None:
     for name, run in (("sign", cmd_sign), ("decrypt", cmd_decrypt)):
         p = add(name, f"{name} data with a key (binary-safe)")
-        p.add_argument("label")
+        p.add_argument("label", help=KEY_HELP)
         p.add_argument("--mechanism", "-m", required=True)
         p.add_argument("--in", dest="infile", help="input file (default stdin)")
         p.add_argument("--out", help="output file (default stdout)")
@@ -216,7 +242,7 @@ def _add_sign_decrypt(add: Adder, common: _Parser) -> None:
 
 
 def cmd_sign(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     sig = key.sign(
         _read_input(args.infile),
         args.mechanism,
@@ -227,18 +253,18 @@ def cmd_sign(hsm: HSM, args: argparse.Namespace) -> None:
 
 
 def cmd_decrypt(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     _write_output(key.decrypt(_read_input(args.infile), args.mechanism), args.out)
 
 
 def _add_delete(add: Adder, common: _Parser) -> None:
     p = add("delete", "destroy a key in the HSM")
-    p.add_argument("label")
+    p.add_argument("label", help=KEY_HELP)
     p.set_defaults(run=_with_hsm(cmd_delete))
 
 
 def cmd_delete(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     key.delete()
     _say(args, f"deleted key {key.label!r} id {key.id}", {"deleted": key.info.to_dict()})
 
@@ -247,7 +273,7 @@ def cmd_delete(hsm: HSM, args: argparse.Namespace) -> None:
 
 
 def _subject_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("label")
+    p.add_argument("label", help=KEY_HELP)
     p.add_argument("--subject", required=True, help='RFC 4514, e.g. "CN=api.example.com,O=Example"')
     p.add_argument(
         "--san",
@@ -267,7 +293,7 @@ def _add_csr(add: Adder, common: _Parser) -> None:
 def cmd_csr(hsm: HSM, args: argparse.Namespace) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    csr = hsm.get_key(args.label).csr(args.subject, sans=args.san)
+    csr = _key(hsm, args.label).csr(args.subject, sans=args.san)
     pem = csr.public_bytes(Encoding.PEM)
     if args.json:
         pem = (json.dumps({"label": args.label, "csr": pem.decode()}, indent=2) + "\n").encode()
@@ -285,15 +311,15 @@ def _add_cert(add: Adder, common: _Parser) -> None:
     s.add_argument("--ca", action="store_true", help="mark it a CA (basicConstraints CA:TRUE)")
     s.set_defaults(run=_with_hsm(cmd_cert_self_sign))
     s = cert_sub.add_parser("import", help="store a certificate (PEM or DER)", parents=[common])
-    s.add_argument("label")
+    s.add_argument("label", help=KEY_HELP)
     s.add_argument("--in", dest="infile", help="certificate file (default stdin)")
     s.set_defaults(run=_with_hsm(cmd_cert_import))
     s = cert_sub.add_parser("show", help="show the stored certificate", parents=[common])
-    s.add_argument("label")
+    s.add_argument("label", help=KEY_HELP)
     s.add_argument("--pem", action="store_true", help="print the PEM instead of a table")
     s.set_defaults(run=_with_hsm(cmd_cert_show))
     s = cert_sub.add_parser("delete", help="remove the stored certificate", parents=[common])
-    s.add_argument("label")
+    s.add_argument("label", help=KEY_HELP)
     s.set_defaults(run=_with_hsm(cmd_cert_delete))
 
 
@@ -309,7 +335,7 @@ def _cert_summary(key: Key, cert: Any) -> dict[str, Any]:
 def cmd_cert_self_sign(hsm: HSM, args: argparse.Namespace) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     cert = key.self_signed(args.subject, days=args.days, sans=args.san, ca=args.ca)
     key.set_certificate(cert)
     if args.json:
@@ -320,14 +346,14 @@ def cmd_cert_self_sign(hsm: HSM, args: argparse.Namespace) -> None:
 
 
 def cmd_cert_import(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     cert = key.set_certificate(_read_input(args.infile))
     summary = _cert_summary(key, cert)
     _say(args, f"stored the certificate of {summary['subject']!r} with key {key.label!r}", summary)
 
 
 def cmd_cert_show(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     cert = key.certificate()
     if cert is None:
         raise _Failure(
@@ -345,7 +371,7 @@ def cmd_cert_show(hsm: HSM, args: argparse.Namespace) -> None:
 
 
 def cmd_cert_delete(hsm: HSM, args: argparse.Namespace) -> None:
-    key = hsm.get_key(args.label)
+    key = _key(hsm, args.label)
     if not key.delete_certificate():
         raise _Failure(f"key {key.label!r} has no certificate to delete")
     _say(args, f"deleted the certificate of key {key.label!r}", {"deleted": key.label})
@@ -405,12 +431,31 @@ def _add_serve(add: Adder, common: _Parser) -> None:
         help="postgresql://USER@HOST/DB shared by several replicas; its password only in "
         f"PGPASSWORD/PGPASSFILE/.pgpass (default: ${DATABASE_ENV}, else SQLite in --state-dir)",
     )
+    p.add_argument(
+        "--allow-pin-in-argv",
+        action="store_true",
+        help="accept a pin-value= in --hsm although every local user can read it in ps",
+    )
     p.set_defaults(run=cmd_serve)
 
 
+#: a PIN written into a URI (RFC 7512 pin-value), wherever the attribute stands
+_PIN_VALUE = re.compile(r"(?i)[?&;:]pin-value=")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve; a PIN on the command line is refused: every local user can read the
+    arguments in ps for as long as the server runs (the environment is the
+    server user's own)."""
     from .server.run import serve
 
+    if not args.allow_pin_in_argv and any(_PIN_VALUE.search(a) for a in args.argv):
+        raise _UsageError(
+            "refusing a PIN in --hsm (pin-value=): every local user can read it in ps for as "
+            "long as the server runs. Give the PIN with HSMBRIDGE_PIN or pin-source=file:PATH "
+            "(a 0600 file), or put the URI in HSMBRIDGE_HSM; --allow-pin-in-argv accepts "
+            "the exposure."
+        )
     serve(
         _require_hsm(args),
         args.listen,
@@ -456,6 +501,7 @@ def _with_hsm(command: HSMCommand) -> Command:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what ps shows
     try:
         return args.run(args) or 0  # type: ignore[no-any-return]
     except _UsageError as exc:

@@ -9,12 +9,18 @@
  * C_Decrypt) into a buffer of the caller's out_len - no NULL-buffer length
  * query.  The Python result list is built after the GIL is taken back.
  *
- * The module's function list is found with dlopen(path, RTLD_NOW|RTLD_NOLOAD)
- * + C_GetFunctionList, which yields the instance python-pkcs11 loaded and
- * initialised, so its session and object handles are valid here.  This code
- * never calls C_Initialize/C_Finalize: the caller is responsible for having
- * initialised the module with CKF_OS_LOCKING_OK before using more than one
- * session (docs/design.md, fact 1).
+ * The module's function list is the one hsmbridge's loader initialised and
+ * registered with use_function_list(path, address); python-pkcs11 uses the
+ * same instance, so its session and object handles are valid here.  Modules
+ * that hand out a new instance on every C_GetFunctionList (p11-kit's proxy
+ * and client) make this essential: python-pkcs11 then loads the module
+ * through this extension's own C_GetFunctionList, which returns the
+ * registered instance.  For a path nobody registered, the list comes from
+ * dlopen(path, RTLD_NOW|RTLD_NOLOAD) + C_GetFunctionList, which for ordinary
+ * modules is the instance python-pkcs11 loaded.  This code never calls
+ * C_Initialize/C_Finalize: the caller is responsible for having initialised
+ * the module with CKF_OS_LOCKING_OK before using more than one session
+ * (docs/design.md, fact 1).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -27,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -141,6 +148,100 @@ get_function_list(const char *path)
     g_nmodules++;
     pthread_mutex_unlock(&g_modules_lock);
     return fl;
+}
+
+/*
+ * Register the function list at `address` (an initialised instance) as the
+ * one run_batch uses for `path`, replacing whatever was cached.
+ */
+static int
+register_function_list(const char *path, CK_FUNCTION_LIST_PTR fl)
+{
+    int i;
+    pthread_mutex_lock(&g_modules_lock);
+    for (i = 0; i < g_nmodules; i++) {
+        if (strcmp(g_modules[i].path, path) == 0) {
+            g_modules[i].fl = fl;
+            pthread_mutex_unlock(&g_modules_lock);
+            return 0;
+        }
+    }
+    if (g_nmodules >= MAX_MODULES) {
+        pthread_mutex_unlock(&g_modules_lock);
+        PyErr_Format(PyExc_RuntimeError, "more than %d PKCS#11 modules registered",
+                     MAX_MODULES);
+        return -1;
+    }
+    char *copy = strdup(path);
+    if (copy == NULL) {
+        pthread_mutex_unlock(&g_modules_lock);
+        PyErr_NoMemory();
+        return -1;
+    }
+    g_modules[g_nmodules].path = copy;
+    g_modules[g_nmodules].handle = NULL;
+    g_modules[g_nmodules].fl = fl;
+    g_nmodules++;
+    pthread_mutex_unlock(&g_modules_lock);
+    return 0;
+}
+
+/* The instance this extension's C_GetFunctionList hands out: the one most
+ * recently registered (the loader holds a lock around register + load). */
+static _Atomic(CK_FUNCTION_LIST_PTR) g_handed_out;
+
+/*
+ * A PKCS#11 entry point, so that python-pkcs11 can "load" this extension as
+ * a module and get exactly the instance hsmbridge initialised.  The extension
+ * is loaded RTLD_LOCAL: the symbol is found only by dlsym on its own handle.
+ */
+__attribute__((visibility("default"))) CK_RV
+C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
+{
+    CK_FUNCTION_LIST_PTR fl = atomic_load(&g_handed_out);
+    if (out == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (fl == NULL)
+        return CKR_GENERAL_ERROR;
+    *out = fl;
+    return CKR_OK;
+}
+
+PyDoc_STRVAR(use_function_list_doc,
+"use_function_list(module_path, address) -> str\n"
+"\n"
+"From now on run_batch(module_path, ...) uses the CK_FUNCTION_LIST at address\n"
+"(an instance the caller has initialised), and this extension's own\n"
+"C_GetFunctionList returns it.  Returns the file of this extension, for\n"
+"python-pkcs11 to load as the module.");
+
+static PyObject *
+use_function_list(PyObject *self, PyObject *args)
+{
+    PyObject *path_bytes = NULL;
+    unsigned long long address;
+    Dl_info info;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O&K:use_function_list", PyUnicode_FSConverter, &path_bytes,
+                          &address))
+        return NULL;
+    if (address == 0) {
+        Py_DECREF(path_bytes);
+        PyErr_SetString(PyExc_ValueError, "address of the function list is NULL");
+        return NULL;
+    }
+    CK_FUNCTION_LIST_PTR fl = (CK_FUNCTION_LIST_PTR)(uintptr_t)address;
+    int rc = register_function_list(PyBytes_AS_STRING(path_bytes), fl);
+    Py_DECREF(path_bytes);
+    if (rc < 0)
+        return NULL;
+    atomic_store(&g_handed_out, fl);
+    if (dladdr((void *)&C_GetFunctionList, &info) == 0 || info.dli_fname == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot find the file of hsmbridge._native");
+        return NULL;
+    }
+    return PyUnicode_DecodeFSDefault(info.dli_fname);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -767,6 +868,7 @@ done:
 static PyMethodDef native_methods[] = {
     {"run_batch", (PyCFunction)(void (*)(void))run_batch, METH_VARARGS | METH_KEYWORDS,
      run_batch_doc},
+    {"use_function_list", use_function_list, METH_VARARGS, use_function_list_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,6 +11,11 @@ extras=""
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 packages="softhsm2 opensc openssl gcc python3-venv python3-dev"
+# --test: the other PKCS#11 modules the conformance suite runs on
+# (scripts/conformance.sh), p11-kit, and OpenSSL's pkcs11 engine for the interop tests.
+[ "${1:-}" = "--test" ] && packages="$packages opencryptoki swtpm swtpm-tools tpm2-tools \
+    tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus \
+    p11-kit p11-kit-modules libnss3 libnss3-tools libengine-pkcs11-openssl util-linux"
 # the replica tests run a real PostgreSQL and HAProxy (tests/replica_fixtures.py)
 [ "${1:-}" = "--test" ] && packages="$packages postgresql haproxy"
 missing=""

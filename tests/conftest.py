@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from token_gaps import TOKEN
 
 import hsmbridge
 from hsmbridge.testing import SoftToken
 
-BACKENDS = ["pkcs11", "nethsm", "replicas"]
+BACKENDS = [f"pkcs11-{TOKEN}", "nethsm", "replicas"]
 
 
 @pytest.fixture
@@ -20,8 +21,12 @@ def unique_label() -> str:
 
 
 @pytest.fixture(scope="session")
-def pkcs11_hsm(softhsm_token: SoftToken) -> Iterator[hsmbridge.HSM]:
-    hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin)
+def pkcs11_hsm(request: pytest.FixtureRequest) -> Iterator[hsmbridge.HSM]:
+    if TOKEN == "softhsm2":
+        token: SoftToken = request.getfixturevalue("softhsm_token")
+        hsm = hsmbridge.open(token.uri, pin=token.pin)
+    else:
+        hsm = hsmbridge.open()  # HSMBRIDGE_HSM and HSMBRIDGE_PIN, from the runner
     yield hsm
     hsm.close()
 
@@ -29,7 +34,7 @@ def pkcs11_hsm(softhsm_token: SoftToken) -> Iterator[hsmbridge.HSM]:
 @pytest.fixture(scope="session", params=BACKENDS)
 def hsm(request: pytest.FixtureRequest) -> hsmbridge.HSM:
     """Every backend behind the one key API: the conformance suite's subject."""
-    if request.param == "pkcs11":
+    if request.param.startswith("pkcs11"):
         return request.getfixturevalue("pkcs11_hsm")  # type: ignore[no-any-return]
     if request.param == "replicas":  # three bridge replicas on PostgreSQL behind HAProxy
         return request.getfixturevalue("replicas_hsm")  # type: ignore[no-any-return]

@@ -25,7 +25,7 @@ Load them as a plugin from a test module (the ``tests`` directory is on
     session: give them unique ids (the ``unique_label`` fixture). Do not lock
     it or change the users' passphrases; use ``bridge_factory`` for that.
 
-``bridge_factory`` (function scope) -> ``make(provision=True) -> BridgeServer``
+``bridge_factory`` (function scope) -> ``make(provision=True, limits=DEFAULT, threads=64)``
     Starts extra servers on fresh state directories over the same token (so
     state-machine tests can provision, lock and restart); all are stopped at
     teardown. ``make(provision=False)`` leaves the server Unprovisioned.
@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 
 from hsmbridge import HSM
+from hsmbridge.server.limits import DEFAULT, Limits
 from hsmbridge.server.testing import TIMEOUT, BridgeServer, Credentials, start_bridge
 
 __all__ = ["TIMEOUT", "BridgeServer", "Credentials", "bridge_factory", "bridge_server"]
@@ -67,9 +68,9 @@ def bridge_factory(pkcs11_hsm: HSM, tmp_path: Path) -> Iterator[Callable[..., Br
     """``make(provision=True)``: extra servers on fresh state dirs, stopped at teardown."""
     started: list[BridgeServer] = []
 
-    def make(provision: bool = True) -> BridgeServer:
+    def make(provision: bool = True, limits: Limits = DEFAULT, threads: int = 64) -> BridgeServer:
         directory = tmp_path / f"state-{len(started)}"
-        bridge = start_bridge(pkcs11_hsm, directory, provision)
+        bridge = start_bridge(pkcs11_hsm, directory, provision, limits, threads)
         started.append(bridge)
         return bridge
 

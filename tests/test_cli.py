@@ -338,3 +338,40 @@ def test_progress_bar_only_on_a_terminal(softhsm_token: SoftToken, tmp_path: Pat
     assert b"[" not in out.split(b"\n")[0] and b"\r" not in out  # stdout is untouched
     piped = run(softhsm_token, "demo", "--count", "20")
     assert piped.returncode == 0 and b"\r" not in piped.stderr + piped.stdout
+
+
+def test_info_prints_what_was_learned_about_the_token(softhsm_token: SoftToken) -> None:
+    r = run(softhsm_token, "info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["token"] == softhsm_token.label
+    assert info["module family"] == "SoftHSM2"
+    assert info["OS locking"] == "accepted"
+    assert info["native engine"] == "on"
+    assert "rsa-oaep-sha1" in info["mechanisms"]
+    assert "rsa-oaep-sha256" not in info["mechanisms"]  # probed: SoftHSM2 lacks it
+    r = run(softhsm_token, "info")
+    assert r.returncode == 0 and b"max sessions" in r.stdout
+
+
+def test_a_uri_works_wherever_a_label_does(
+    softhsm_token: SoftToken, unique_label: str, tmp_path: Path
+) -> None:
+    r = run(softhsm_token, "keygen", "--type", "ec:p256", "--label", unique_label)
+    assert r.returncode == 0, r.stderr
+    uri = f"pkcs11:object={unique_label};type=private"
+    r = run(softhsm_token, "sign", uri, "--mechanism", "ecdsa-sha256", stdin=b"by uri")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "sig").write_bytes(r.stdout)
+    (tmp_path / "msg").write_bytes(b"by uri")
+    r = run(softhsm_token, "pubkey", uri, "--out", str(tmp_path / "pub.pem"))
+    assert r.returncode == 0, r.stderr
+    subprocess.run(
+        ["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "pub.pem"),
+         "-signature", str(tmp_path / "sig"), str(tmp_path / "msg")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    r = run(softhsm_token, "delete", uri)
+    assert r.returncode == 0, r.stderr
+    r = run(softhsm_token, "sign", uri, "--mechanism", "ecdsa-sha256", stdin=b"gone")
+    assert r.returncode == 1 and b"KeyNotFound" in r.stderr

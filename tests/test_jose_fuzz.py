@@ -1,9 +1,9 @@
 """Property tests of the JWE parser: hostile tokens end in hsmbridge's errors, never a crash.
 
 Decryption runs against a real key (SoftHSM2), so a token that parses goes
-all the way through the HSM unwrap and the content check. The same
-properties run coverage-guided under atheris in scripts/fuzz_server.py
-(target ``jwe``).
+all the way through the HSM unwrap and the content check. Longer runs:
+``HYPOTHESIS_PROFILE``-free, raise ``max_examples`` below (the server's
+decoders have a coverage-guided driver in scripts/fuzz_server.py).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_lifecycle_states(bridge_factory: Factory) -> None:
     assert r.status_code == 412 and "Locked" in message_of(r)
     r = s.post(f"{url}/unlock", json={"passphrase": "wrong-unlock-pass"}, timeout=TIMEOUT)
     assert r.status_code == 403 and "wrong unlock passphrase" in message_of(r)
-    bridge.server.bridge.creds.delay = 0  # the 429 window is tested below
+    bridge.server.bridge.passphrases.delay = 0  # the 429 window is tested below
     r = s.post(f"{url}/unlock", json={"passphrase": bridge.unlock_passphrase}, timeout=TIMEOUT)
     assert r.status_code == 204
     assert s.get(f"{url}/keys", timeout=TIMEOUT).json() == []
@@ -114,7 +114,7 @@ def test_authentication_roles_and_rate_limit(bridge_server: BridgeServer) -> Non
     assert r.json() == {"realName": "operator", "role": "Operator"}
 
     # a login right after a failed one is refused without checking it (429)
-    creds = bridge_server.server.bridge.creds
+    creds = bridge_server.server.bridge.passphrases
     user = uid("victim")
     s.auth = bridge_server.admin.auth
     r = s.put(

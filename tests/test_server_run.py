@@ -36,6 +36,21 @@ def _session(cert: Path) -> requests.Session:
     return s
 
 
+def _wait_until_serving(process: subprocess.Popen[bytes], url: str, cert: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate(timeout=5)[0].decode()
+        assert time.monotonic() < deadline, "the server did not come up"
+        if cert.exists():
+            try:
+                with _session(cert) as s:
+                    s.get(f"{url}/health/state", timeout=2)
+                return
+            except requests.RequestException:
+                pass
+        time.sleep(0.1)
+
+
 def _run(token: SoftToken, state: Path) -> str:
     """Start serve(), wait until it answers, exercise it, SIGTERM it; return its output."""
     port = _free_port()
@@ -45,18 +60,7 @@ def _run(token: SoftToken, state: Path) -> str:
     url = f"https://127.0.0.1:{port}/api/v1"
     cert = state / "tls-cert.pem"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate(timeout=5)[0].decode()
-            assert time.monotonic() < deadline, "serve() did not come up"
-            if cert.exists():
-                try:
-                    with _session(cert) as s:
-                        s.get(f"{url}/health/state", timeout=2)
-                    break
-                except requests.RequestException:
-                    pass
-            time.sleep(0.1)
+        _wait_until_serving(process, url, cert)
         _exercise(url, cert)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -106,3 +110,69 @@ def test_serve_process_restart_and_sigterm(softhsm_token: SoftToken, tmp_path: P
     second = _run(softhsm_token, state)
     assert fingerprint(cert) == print_fp and print_fp in second  # reused, not remade
     assert [r["state"] for r in _results] == ["Unprovisioned", "Locked"]
+
+
+def _cli(token: SoftToken, *args: str, hsm_env: bool = True) -> subprocess.Popen[bytes]:
+    env = {"PATH": "/usr/bin:/bin", **token.env(), "HSMBRIDGE_PIN": token.pin}
+    if hsm_env:
+        env["HSMBRIDGE_HSM"] = token.uri
+    cmd = [sys.executable, "-m", "hsmbridge.cli", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_cli_serve_logs_recovery_and_keeps_its_state_private(
+    softhsm_token: SoftToken, tmp_path: Path
+) -> None:
+    """``hsmbridge serve`` logs (here: the clean-up of a half-made key) and makes the state
+    directory 0700 and every file in it 0600 (database, WAL, SHM, TLS key and cert)."""
+    from hsmbridge.server.state import KeyRecord, Store
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    store = Store(state / "hsmbridge-server.sqlite3")  # as an older version left it: 0644
+    with store.transaction() as tx:
+        Store.put_key(tx, KeyRecord("halfmade", "EC_P256", [], "00" * 16, "x", status="pending"))
+    store.close()
+    port = _free_port()
+    process = _cli(
+        softhsm_token, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state)
+    )
+    cert = state / "tls-cert.pem"
+    try:
+        _wait_until_serving(process, f"https://127.0.0.1:{port}/api/v1", cert)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
+        assert state.stat().st_mode & 0o777 == 0o700
+        assert {"hsmbridge-server.sqlite3-wal", "tls-key.pem", "tls-cert.pem"} <= set(modes)
+        assert set(modes.values()) == {0o600}, modes
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0, out
+    assert "removed key halfmade left pending by an interrupted request" in out, out
+
+
+def test_cli_serve_refuses_a_state_dir_others_can_write(
+    softhsm_token: SoftToken, tmp_path: Path
+) -> None:
+    state = tmp_path / "shared"
+    state.mkdir()
+    state.chmod(0o777)
+    process = _cli(softhsm_token, "serve", "--listen", "127.0.0.1:1", "--state-dir", str(state))
+    out = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 1, out  # a configuration error: one line, exit 1
+    assert "writable by group or others" in out and "chmod 700" in out
+    assert "Traceback" not in out
+
+
+def test_cli_serve_refuses_a_pin_on_the_command_line(
+    softhsm_token: SoftToken, tmp_path: Path
+) -> None:
+    """A pin-value in --hsm would be readable by every local user in ps for the server's life."""
+    pin = "pin-in-ps-4711"
+    uri = f"{softhsm_token.uri}&pin-value={pin}"
+    args = ("--hsm", uri, "serve", "--listen", "127.0.0.1:1", "--state-dir", str(tmp_path / "s"))
+    process = _cli(softhsm_token, *args, hsm_env=False)
+    out = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 2, out
+    assert "HSMBRIDGE_PIN" in out and "pin-source" in out and pin not in out
+    assert not (tmp_path / "s").exists()  # refused before anything was done

@@ -26,6 +26,7 @@ from schemathesis import checks as st_checks  # noqa: E402
 
 import hsmbridge  # noqa: E402
 from hsmbridge.server.app import NOT_IMPLEMENTED_METHODS, ROUTES  # noqa: E402
+from hsmbridge.server.limits import Limits  # noqa: E402
 from hsmbridge.server.testing import TIMEOUT, BridgeServer, start_bridge  # noqa: E402
 
 #: The spec is test data kept outside the repository (``../shared/nethsm/`` beside
@@ -95,8 +96,9 @@ def fuzz_server(
     # Not tmp_path_factory: child processes that run pytest themselves can prune
     # this run's base temp directory (pytest keeps only the newest three).
     directory = Path(tempfile.mkdtemp(prefix="hsmbridge-fuzz-"))
-    bridge = start_bridge(pkcs11_hsm, directory, True)
-    bridge.server.bridge.creds.delay = 0.0  # fuzzed credentials must not throttle the run
+    # fuzzed credentials must not throttle the run
+    unthrottled = Limits(failure_burst=1_000_000, failed_login_delay=0.0)
+    bridge = start_bridge(pkcs11_hsm, directory, True, unthrottled)
     sessions = {role: bridge.session(getattr(bridge, role)) for role in ("admin", "operator")}
     sessions["metrics"] = bridge.session(bridge.metrics)
     admin = sessions["admin"]

@@ -281,7 +281,13 @@ class NetHSM(HSM):
             raise HSMError(f"{self.description} created a key but did not say its id")
         return new_id
 
-    def get_key(self, label: str | None = None, *, key_id: str | None = None) -> NetHSMKey:
+    def get_key(
+        self, label: str | None = None, *, key_id: str | None = None, uri: str | None = None
+    ) -> NetHSMKey:
+        if uri is not None:
+            raise InvalidInput(
+                "RFC 7512 URIs name PKCS#11 objects; ask a NetHSM for a key by label or key_id"
+            )
         wanted = check_lookup(label, key_id)
         if key_id is not None:
             data = self._fetch(vocabulary.check_key_id(key_id))

@@ -53,7 +53,7 @@ MAX_BACKOFF = 2.0
 COOLDOWN = 2.0
 RETRY_STATUSES = frozenset({412, 429, 500, 502, 503, 504})
 
-_FINGERPRINT_RE = re.compile(r"^(?:sha-?256:)?([0-9a-fA-F:]+)$", re.IGNORECASE)
+_FINGERPRINT_RE = re.compile(r"(?:sha-?256:)?([0-9a-fA-F:]+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Credential:
 
 def normalize_fingerprint(text: str) -> str:
     """``sha256:AB:CD..`` / ``abcd..`` to 64 lowercase hex digits."""
-    match = _FINGERPRINT_RE.match(text.strip())
+    match = _FINGERPRINT_RE.fullmatch(text.strip())
     digits = match.group(1).replace(":", "").lower() if match else ""
     if len(digits) != 64 or not all(c in "0123456789abcdef" for c in digits):
         raise ConfigurationError(

@@ -3,10 +3,18 @@
 Sessions and concurrency (the design, stated once; docs/design.md has the
 measured facts behind it):
 
-- **One module instance per process.** python-pkcs11 initialises a module
-  with ``C_Initialize(NULL)`` (single-threaded), yet releases the GIL around
-  calls; ``module.py`` re-initialises it with ``CKF_OS_LOCKING_OK`` before any
-  session opens (fact 1). A module that refuses is used by one thread.
+- **One module instance per process.** python-pkcs11 would initialise a
+  module with ``C_Initialize(NULL)`` (single-threaded), yet releases the GIL
+  around calls; ``module.py`` takes the function list itself, initialises
+  exactly that instance with ``CKF_OS_LOCKING_OK`` (fact 1) and hands it to
+  python-pkcs11 and the native engine (through the engine's own
+  ``C_GetFunctionList`` for p11-kit, which makes a new instance per call). A
+  module that refuses locking, or that another library initialised, is used by
+  one thread; after ``fork()`` the child initialises it again.
+- **One token, chosen and profiled.** ``slots.py`` picks the slot and token an
+  RFC 7512 URI names; ``profile.py`` holds what was learned about it and the
+  measured facts per module (concurrent sessions, bad padding); ``opening.py``
+  retries a token that is briefly busy with another process.
 - **One login per token and process.** Login belongs to the application, not
   the session, and closing a logged-in session logs every session out (fact
   2). ``pool.py`` keeps one long-lived login session per token and process

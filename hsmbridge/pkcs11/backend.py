@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pkcs11 import Attribute, TokenFlag
+from pkcs11 import Attribute
 
 from ..api import HSM, RSA, Ed25519, Key, KeyInfo, KeySpec, check_lookup, check_new_key
 from ..errors import (
@@ -23,59 +23,24 @@ from ..errors import (
     InvalidInput,
     KeyExists,
     KeyNotFound,
-    TokenNotFound,
 )
 from ..mechanisms import Mechanism
-from ..uri import Pkcs11URI
+from ..uri import Pkcs11URI, parse_pkcs11_uri
 from . import certs, ec, lookup, rsa
 from .capabilities import Capabilities, ckm_of
 from .errormap import translate
 from .key import Pkcs11Key
-from .module import LoadedModule, load_module, load_native
+from .module import load_module, load_native
 from .pool import SessionPool
-from .templates import Template, key_pair_templates
+from .profile import build_profile
+from .slots import select_token
+from .templates import Template, generate_with_templates
 
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger("hsmbridge.pkcs11")
-
-
-def _select_token(module: LoadedModule, uri: Pkcs11URI) -> Any:
-    try:
-        slots = module.lib.get_slots(token_present=True)
-    except Exception as exc:
-        raise translate(exc, what="listing slots") from None
-    matches = []
-    initialized = []
-    for slot in slots:
-        token = slot.get_token()
-        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
-            continue
-        initialized.append(token)
-        if uri.slot_id is not None and slot.slot_id != uri.slot_id:
-            continue
-        if uri.token is not None and token.label != uri.token:
-            continue
-        if uri.serial is not None and token.serial.decode(errors="replace").strip() != uri.serial:
-            continue
-        if uri.manufacturer is not None and token.manufacturer_id != uri.manufacturer:
-            continue
-        if uri.model is not None and token.model != uri.model:
-            continue
-        matches.append(token)
-    if not matches:
-        present = ", ".join(repr(t.label) for t in initialized) or "none"
-        raise TokenNotFound(
-            f"no {uri.describe()} in PKCS#11 module {module.path!r}; tokens present: {present}. "
-            "Fix token=/serial=/slot-id= in the URI (for SoftHSM2, check SOFTHSM2_CONF)"
-        )
-    if len(matches) > 1:
-        raise TokenNotFound(
-            f"{len(matches)} tokens match {uri.describe()}; add serial= or slot-id= to the URI"
-        )
-    return matches[0]
 
 
 class Pkcs11HSM(HSM):
@@ -85,33 +50,46 @@ class Pkcs11HSM(HSM):
         self, uri: Pkcs11URI, *, max_sessions: int | None = None, native: bool | None = None
     ) -> None:
         """``native=False`` forces the pure-Python batch engine (for comparison)."""
-        self.module = load_module(uri.module_path)
-        self.token = _select_token(self.module, uri)
+        if max_sessions is not None and (
+            not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1
+        ):
+            raise InvalidInput(f"max_sessions must be a whole number >= 1, not {max_sessions!r}")
+        self.module = load_module(
+            uri.module_path, name=uri.module_name, init_reserved=uri.init_reserved
+        )
+        self.token = select_token(self.module, uri)
         self.description = f"token {self.token.label!r}"
         if uri.pin is None:
             raise ConfigurationError(
                 f"no PIN for {self.description}; give pin-value= or pin-source= in the URI, "
                 "pass pin=, or set HSMBRIDGE_PIN"
             )
-        if max_sessions is not None and (
-            not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1
-        ):
-            raise InvalidInput(f"max_sessions must be a whole number >= 1, not {max_sessions!r}")
-        workers = max_sessions or max(4, 2 * (os.cpu_count() or 1))
-        if not self.module.thread_safe:
-            workers = 1
+        requested = max_sessions if max_sessions is not None else uri.max_sessions
+        self.profile = build_profile(self.module, self.token, requested)
         slot = self.token.slot
         self.pool = SessionPool(
-            self.token, uri.pin.value, workers, (self.module.path, int(slot.slot_id))
+            self.token,
+            uri.pin.value,
+            self.profile.max_sessions,
+            (self.module.path, int(slot.slot_id)),
+            module=self.module,
         )
         self.native = load_native() if native is not False and self.module.thread_safe else None
         if native and self.native is None:
             raise ConfigurationError(
-                "native=True but the native engine hsmbridge._native is not built; "
-                "reinstall hsmbridge with a C compiler available"
+                "native=True but the native engine hsmbridge._native is not built "
+                "(or this module is used from one thread); reinstall hsmbridge with a C "
+                "compiler available"
             )
-        self.capabilities = Capabilities(slot, self.description)
+        self.capabilities = Capabilities(slot, self.description, self.pool.session)
         self.keys = lookup.KeyCache(self.description)  # get_key's validated handles
+        self._uri_key: Pkcs11Key | None = None
+        if uri.names_object:
+            try:
+                self._uri_key = self._key_named_by(uri)
+            except HSMError:
+                self.close()
+                raise
 
     # -- key management ---------------------------------------------------------
 
@@ -188,9 +166,6 @@ class Pkcs11HSM(HSM):
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
-        public_t, private_t = key_pair_templates(
-            raw_id, label, usage, allowed_mechanisms(spec, usage)
-        )
         with self.pool.admin() as session:
             if self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
@@ -203,11 +178,15 @@ class Pkcs11HSM(HSM):
                     "choose another key_id or leave it out"
                 )
             try:
-                priv = create(session, public_t, private_t)
-            except HSMError:
-                raise
-            except Exception as exc:
-                raise translate(exc, what=what) from None
+                priv = generate_with_templates(
+                    lambda public_t, private_t: create(session, public_t, private_t),
+                    raw_id,
+                    label,
+                    usage,
+                    allowed_mechanisms(spec, usage),
+                    self.profile.templates,
+                    what=what,
+                )
             finally:
                 self.keys.forget(label, raw_id)
             key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
@@ -236,7 +215,14 @@ class Pkcs11HSM(HSM):
             )
         return key
 
-    def get_key(self, label: str | None = None, *, key_id: str | None = None) -> Pkcs11Key:
+    def get_key(
+        self, label: str | None = None, *, key_id: str | None = None, uri: str | None = None
+    ) -> Pkcs11Key:
+        if uri is not None:
+            if label is not None or key_id is not None:
+                raise InvalidInput("get_key takes a label and/or key_id, or a uri; not both")
+            # pin="": the URI only names a key here; nothing reads a PIN file or variable.
+            return self._key_named_by(parse_pkcs11_uri(uri, pin=""))
         wanted = check_lookup(label, key_id)  # a non-str label segfaults python-pkcs11
         raw_id = None
         if key_id is not None:
@@ -247,6 +233,38 @@ class Pkcs11HSM(HSM):
         with self.pool.admin() as session:
             handle, info = self.keys.find(session, label, raw_id, wanted)
         return Pkcs11Key(self, info, handle)
+
+    @property
+    def key(self) -> Pkcs11Key:
+        """The key named by the URI this handle was opened with (object=, id=, type=)."""
+        if self._uri_key is None:
+            return super().key  # type: ignore[return-value]  # raises InvalidInput
+        return self._uri_key
+
+    def _key_named_by(self, uri: Pkcs11URI) -> Pkcs11Key:
+        """The one key pair an RFC 7512 URI's object/id/type name on this token."""
+        if uri.type not in (None, "private", "public"):
+            raise InvalidInput(
+                f"the URI's type is {uri.type}; hsmbridge uses key pairs: type=private "
+                "(or public) with object=LABEL and/or id=%HEX"
+            )
+        if uri.object is None and uri.id is None:
+            raise InvalidInput("the URI names no key: add object=LABEL and/or id=%HEX")
+        token, slot_id = self.token, int(self.token.slot.slot_id)
+        serial = token.serial.decode(errors="replace").strip()
+        for name, wanted, actual in (
+            ("token", uri.token, token.label),
+            ("serial", uri.serial, serial),
+            ("manufacturer", uri.manufacturer, token.manufacturer_id),
+            ("model", uri.model, token.model),
+            ("slot-id", uri.slot_id, slot_id),
+        ):
+            if wanted is not None and wanted != actual:
+                raise InvalidInput(
+                    f"the URI names {name} {wanted!r}, but this handle is on {self.description} "
+                    f"({name} {actual!r}); open that token to use its keys"
+                )
+        return self.get_key(uri.object, key_id=uri.id.hex() if uri.id is not None else None)
 
     def list_keys(self) -> list[KeyInfo]:
         with self.pool.admin() as session:
@@ -292,6 +310,21 @@ class Pkcs11HSM(HSM):
             "sessions_open": open_,
             "sessions_idle": idle,
             "sessions_max": self.pool.max_workers,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """The token, and what was learned about it and its module (``hsmbridge info``)."""
+        token, slot = self.token, self.token.slot
+        return {
+            "hsm": self.description,
+            "token": token.label,
+            "token manufacturer": token.manufacturer_id,
+            "token model": token.model,
+            "token serial": token.serial.decode(errors="replace").strip(),
+            "slot-id": int(slot.slot_id),
+            "slot description": slot.slot_description,
+            **self.profile.describe(),
+            "mechanisms": [m.value for m in self.supported_mechanisms()],
         }
 
     def supported_mechanisms(self) -> list[Mechanism]:

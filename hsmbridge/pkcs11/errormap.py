@@ -25,6 +25,9 @@ SESSION_BROKEN = (
     p11x.TokenNotPresent,
     p11x.TokenNotRecognised,
     p11x.UserNotLoggedIn,
+    # An operation left active after a failure the module did not end (tpm2-pkcs11
+    # 1.9 after a bad padding), which the native engine's finishing call did not clear.
+    p11x.OperationActive,
 )
 
 #: CK_RV values the native engine reports, by python-pkcs11 exception class.
@@ -52,6 +55,20 @@ _RV_TO_EXC: dict[int, type[p11x.PKCS11Error]] = {
     0xE0: p11x.TokenNotPresent,
     0x101: p11x.UserNotLoggedIn,
 }
+
+
+#: Return values of C_Initialize that have no python-pkcs11 exception class.
+_INIT_RV_NAMES = {
+    0x0A: "CKR_CANT_LOCK",
+    0x190: "CKR_CRYPTOKI_NOT_INITIALIZED",
+    0x191: "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+}
+
+
+def rv_name(rv: int) -> str:
+    """A readable CK_RV for messages: ``0x191 CKR_CRYPTOKI_ALREADY_INITIALIZED``."""
+    name = _INIT_RV_NAMES.get(rv) or getattr(_RV_TO_EXC.get(rv), "__name__", "")
+    return f"CK_RV 0x{rv:x}" + (f" {name}" if name else "")
 
 
 def exception_for_rv(rv: int) -> p11x.PKCS11Error:

@@ -43,6 +43,34 @@ class Pkcs11Key(Key):
         super().__init__(info)
         self.hsm = hsm
         self.handle = handle
+        self._generation = hsm.pool.generation
+
+    def _follow_fork(self) -> None:
+        """In a forked child the module was initialised again: object handles changed.
+
+        The key is found again by its id (and label), as get_key would.
+        """
+        generation = self.hsm.pool.generation
+        if generation == self._generation:
+            return
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.TOKEN: True,
+            Attribute.LABEL: self.label,
+        }
+        if self.info.id:
+            template[Attribute.ID] = bytes.fromhex(self.info.id)
+        with self.hsm.pool.admin() as session:
+            found = list(session.get_objects(template))
+        if len(found) != 1:
+            raise KeyNotFound(
+                f"key {self.label!r} (id {self.id!r}) is not in {self.hsm.description} any "
+                "more, or no longer unique (after fork, the key is found again by id and label)"
+            )
+        handle = found[0].handle
+        assert handle is not None
+        self.handle = int(handle)
+        self._generation = generation
 
     # -- the engine hook ---------------------------------------------------------------
 
@@ -62,6 +90,7 @@ class Pkcs11Key(Key):
                 f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
             )
         self.hsm.capabilities.require(mech)
+        self._follow_fork()
         der = mech.family == "ecdsa" and ecdsa_format == "der"
         if self.hsm.native is None:
             return self._run_python(op, mech, items, threads, stop_on_error, der)
@@ -102,9 +131,10 @@ class Pkcs11Key(Key):
                     results.append(out)
                     continue
                 exc = exception_for_rv(out)
-                if isinstance(exc, SESSION_BROKEN):
+                if isinstance(exc, SESSION_BROKEN) or self._distrusts_session(exc):
                     for s in sessions:  # which session broke is unknown: replace all
                         s.broken = True
+                if isinstance(exc, SESSION_BROKEN):
                     redo.append(i)
                 results.append(self._op_error(exc, op, mech))
         finally:
@@ -153,6 +183,12 @@ class Pkcs11Key(Key):
                         log.warning("PKCS#11 session broke (%s); replaced", type(exc).__name__)
                         bound[0] = self._bound_object(pooled)
                     except p11x.PKCS11Error as exc:
+                        if self._distrusts_session(exc):
+                            # tpm2-pkcs11 leaves a failed operation active: start afresh.
+                            if pool.reopen(pooled):
+                                bound[0] = self._bound_object(pooled)
+                            else:
+                                pooled.broken = True
                         raise self._op_error(exc, op, mech) from None
                 raise AssertionError("unreachable")
 
@@ -168,6 +204,15 @@ class Pkcs11Key(Key):
         spec = self.spec
         return spec.bits // 8 if isinstance(spec, RSA) else 2 * spec.field_bytes
 
+    def _distrusts_session(self, exc: Exception) -> bool:
+        """A CKR_GENERAL_ERROR / CKR_FUNCTION_FAILED from a module not measured to use
+        them for bad padding: the session may be left mid-operation (tpm2-pkcs11 1.9
+        answers every later call CKR_OPERATION_ACTIVE), so it is replaced."""
+        return (
+            isinstance(exc, (p11x.GeneralError, p11x.FunctionFailed))
+            and not self.hsm.profile.facts.bad_padding_as_general_error
+        )
+
     def _op_error(self, exc: Exception, op: str, mech: Mechanism) -> HSMError:
         """One translation of a failed sign/decrypt, for both engines."""
         if isinstance(exc, REFUSALS):
@@ -176,8 +221,14 @@ class Pkcs11Key(Key):
                 return error
             self.hsm.capabilities.probe_oaep(self.public_key(), self._probe_decrypt)
             return self.hsm.capabilities.not_supported(mech)
-        if op == "decrypt" and isinstance(exc, (p11x.GeneralError, p11x.FunctionFailed)):
-            exc = p11x.EncryptedDataInvalid()  # SoftHSM2 answers bad OAEP padding this way
+        if (
+            op == "decrypt"
+            and isinstance(exc, (p11x.GeneralError, p11x.FunctionFailed))
+            and self.hsm.profile.facts.bad_padding_as_general_error
+        ):
+            # Only modules measured to answer bad padding this way (SoftHSM2);
+            # elsewhere these codes mean the token failed, not the ciphertext.
+            exc = p11x.EncryptedDataInvalid()
         what = f"{mech.value} {'signature' if op == 'sign' else 'decryption'}"
         return translate(exc, what=what, key=self.label)
 
@@ -194,6 +245,7 @@ class Pkcs11Key(Key):
 
     def _object_in(self, session: Any) -> Any:
         """This key's private object as seen through ``session`` (same handle)."""
+        self._follow_fork()
         template: dict[Attribute, Any] = {
             Attribute.CLASS: ObjectClass.PRIVATE_KEY,
             Attribute.TOKEN: True,

@@ -1,25 +1,46 @@
 """Explicit attribute templates for keys generated or imported into the token.
 
-Nothing is left to module defaults. Private keys are token objects, private,
-sensitive and never extractable, and the token itself enforces what they are
-for: usage flags exactly as asked, ``CKA_ALLOWED_MECHANISMS`` listing only the
-mechanisms of that usage (no raw ``CKM_RSA_X_509``, which would turn signing
-into decryption), ``CKA_SIGN_RECOVER``/``CKA_UNWRAP``/``CKA_DERIVE`` false,
-not copyable (a copy could be made modifiable) and not modifiable (so nobody
-with the PIN can switch a sign-only key to decryption). Session-object copies
-(docs/design.md, fact 5) are therefore impossible for keys made here; the
-speed they bought is given up for key separation.
+Nothing is left to module defaults where the module takes it. Private keys are
+token objects, private, sensitive and never extractable, and the token itself
+enforces what they are for: usage flags exactly as asked,
+``CKA_ALLOWED_MECHANISMS`` listing only the mechanisms of that usage (no raw
+``CKM_RSA_X_509``, which would turn signing into decryption),
+``CKA_SIGN_RECOVER``/``CKA_UNWRAP``/``CKA_DERIVE`` false, not copyable (a copy
+could be made modifiable) and not modifiable (so nobody with the PIN can switch
+a sign-only key to decryption). Session-object copies (docs/design.md, fact 5)
+are therefore impossible for keys made here; the speed they bought is given up
+for key separation.
+
+Some modules refuse parts of that. tpm2-pkcs11 answers a bare
+CKR_GENERAL_ERROR to any usage set false (its TPM object attributes decide
+them); a PKCS#11 2.20 module may not know CKA_ALLOWED_MECHANISMS or
+CKA_COPYABLE. A refused template is retried with less, one step at a time
+(:data:`FALLBACKS`): first the module's defaults for the usages not asked for,
+then also without the key-separation attributes. The step a module needed is
+remembered per module (later keys start there), logged as a warning, and shown
+by ``hsmbridge info``; hsmbridge still enforces the usage asked for on the key
+handle it returns.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import pkcs11.exceptions as p11x
 from pkcs11 import Attribute
 from pkcs11 import Mechanism as CKM
 from pkcs11.attributes import AttributeMapper
+
+from ..errors import HSMError
+from .errormap import translate
+
+log = logging.getLogger("hsmbridge.pkcs11")
+
+T = TypeVar("T")
 
 #: a PKCS#11 attribute template
 Template = dict[Attribute, Any]
@@ -40,6 +61,61 @@ def _unpack_mechanisms(data: bytes) -> list[int]:
 MAPPER = AttributeMapper()
 MAPPER.register_handler(Attribute.ALLOWED_MECHANISMS, _pack_mechanisms, _unpack_mechanisms)
 
+#: Usage attributes of each half, by hsmbridge usage (None: never asked for).
+PUBLIC_USAGE: dict[Attribute, str | None] = {
+    Attribute.VERIFY: "sign",
+    Attribute.ENCRYPT: "decrypt",
+    Attribute.WRAP: None,
+}
+PRIVATE_USAGE: dict[Attribute, str | None] = {
+    Attribute.SIGN: "sign",
+    Attribute.DECRYPT: "decrypt",
+    Attribute.SIGN_RECOVER: None,
+    Attribute.UNWRAP: None,
+    Attribute.DERIVE: None,
+}
+#: Key-separation attributes a PKCS#11 2.20 module may not know (CKA_MODIFIABLE
+#: false, which every version has, is kept whatever the module refuses).
+SEPARATION = (Attribute.ALLOWED_MECHANISMS, Attribute.COPYABLE)
+
+#: The templates tried, in order: (usages not asked for set false, separation
+#: attributes). Usages set false matter more than the separation attributes
+#: (a key that may decrypt when it should only sign), so they are given up last.
+FALLBACKS = ((True, True), (True, False), (False, True), (False, False))
+
+#: What a module answers when it will not take a template as given.
+TEMPLATE_REFUSED = (
+    p11x.TemplateInconsistent,
+    p11x.TemplateIncomplete,
+    p11x.AttributeValueInvalid,
+    p11x.AttributeTypeInvalid,
+    p11x.AttributeReadOnly,
+    p11x.GeneralError,
+    p11x.FunctionFailed,
+)
+
+
+@dataclass
+class TemplateQuirks:
+    """What one module was seen to accept in key-pair templates."""
+
+    #: index into FALLBACKS the module needed (0 until a key says otherwise)
+    step: int = 0
+    #: whether a key has been made yet (with the template of ``step``)
+    learned: bool = False
+    #: what the module refused, for messages and ``hsmbridge info``
+    refused: str | None = None
+    #: False where the module mis-enforces CKA_ALLOWED_MECHANISMS (measured:
+    #: tpm2-pkcs11 1.9 then refuses CKM_RSA_PKCS signing the list allows)
+    allowed_mechanisms: bool = True
+
+
+def _usage_flags(
+    table: dict[Attribute, str | None], usage: frozenset[str], explicit_false: bool
+) -> dict[Attribute, bool]:
+    flags = {attr: use in usage for attr, use in table.items()}
+    return flags if explicit_false else {attr: True for attr, on in flags.items() if on}
+
 
 def key_pair_templates(
     key_id: bytes,
@@ -48,38 +124,116 @@ def key_pair_templates(
     allowed: Iterable[CKM],
     *,
     modifiable: bool = False,
+    explicit_false: bool = True,
+    separation: bool = True,
+    with_allowed: bool = True,
 ) -> tuple[Template, Template]:
     """(public template, private template) for C_GenerateKeyPair / C_CreateObject.
 
     ``allowed`` are the PKCS#11 mechanisms the key may be used with.
-    ``modifiable=True`` is for keys whose attributes must change later
-    (e.g. an end date set at rotation).
+    ``modifiable=True`` is for keys whose attributes must change later (e.g. an
+    end date set at rotation). ``explicit_false=False`` leaves the usages not
+    asked for to the module's defaults; ``separation=False`` leaves out
+    :data:`SEPARATION` (for modules that refuse them); ``with_allowed=False``
+    leaves out CKA_ALLOWED_MECHANISMS alone.
     """
-    sign = "sign" in usage
-    decrypt = "decrypt" in usage
     public = {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: False,
         Attribute.ID: key_id,
         Attribute.LABEL: label,
-        Attribute.VERIFY: sign,
-        Attribute.ENCRYPT: decrypt,
-        Attribute.WRAP: False,
+        **_usage_flags(PUBLIC_USAGE, usage, explicit_false),
     }
-    private = {
+    private: Template = {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True,
         Attribute.EXTRACTABLE: False,
         Attribute.ID: key_id,
         Attribute.LABEL: label,
-        Attribute.SIGN: sign,
-        Attribute.DECRYPT: decrypt,
-        Attribute.SIGN_RECOVER: False,
-        Attribute.UNWRAP: False,
-        Attribute.DERIVE: False,
-        Attribute.ALLOWED_MECHANISMS: sorted(set(allowed)),
-        Attribute.COPYABLE: False,
-        Attribute.MODIFIABLE: modifiable,
+        **_usage_flags(PRIVATE_USAGE, usage, explicit_false),
     }
+    private[Attribute.MODIFIABLE] = modifiable
+    if separation:
+        if with_allowed:
+            private[Attribute.ALLOWED_MECHANISMS] = sorted(set(allowed))
+        private[Attribute.COPYABLE] = False
     return public, private
+
+
+def _dropped(step: int, usage: frozenset[str]) -> str:
+    explicit_false, separation = FALLBACKS[step]
+    parts = []
+    if not explicit_false:
+        unasked = [
+            f"CKA_{attr.name}"
+            for table in (PUBLIC_USAGE, PRIVATE_USAGE)
+            for attr, use in table.items()
+            if use not in usage
+        ]
+        parts.append(", ".join(unasked) + " set false")
+    if not separation:
+        parts.append(", ".join(f"CKA_{attr.name}" for attr in SEPARATION))
+    return " and ".join(parts)
+
+
+def generate_with_templates(
+    generate: Callable[[Template, Template], T],
+    key_id: bytes,
+    label: str,
+    usage: frozenset[str],
+    allowed: Iterable[CKM],
+    quirks: TemplateQuirks,
+    *,
+    what: str,
+) -> T:
+    """Call ``generate(public_template, private_template)``, learning ``quirks``.
+
+    Starts at the step the module is known to need; a refused template is
+    retried with the next step of :data:`FALLBACKS`, and the step that worked
+    is remembered.
+    """
+    allowed = sorted(set(allowed))
+    refusals: list[str] = []
+    for step in range(quirks.step, len(FALLBACKS)):
+        explicit_false, separation = FALLBACKS[step]
+        templates = key_pair_templates(
+            key_id,
+            label,
+            usage,
+            allowed,
+            explicit_false=explicit_false,
+            separation=separation,
+            with_allowed=quirks.allowed_mechanisms,
+        )
+        try:
+            result = generate(*templates)
+        except TEMPLATE_REFUSED as exc:
+            refusals.append(type(exc).__name__)
+            if step + 1 < len(FALLBACKS):
+                continue
+            raise HSMError(
+                f"{what} failed: the token refused every key template hsmbridge tries "
+                f"({', '.join(refusals)}), the last one without "
+                f"{_dropped(step, usage)}; check the token's key type, size and usage support"
+            ) from None
+        except HSMError:
+            raise
+        except Exception as exc:
+            raise translate(exc, what=what) from None
+        if step > quirks.step or not quirks.learned:
+            if step > 0:
+                quirks.refused = (
+                    f"refuses key templates with {_dropped(step, usage)} "
+                    f"({', '.join(refusals)}); keys get the module's defaults for them"
+                )
+                log.warning(
+                    "the token refused %s (%s); the key was made with the module's defaults "
+                    "for them; hsmbridge still enforces usage=%s",
+                    _dropped(step, usage),
+                    ", ".join(refusals),
+                    ",".join(sorted(usage)),
+                )
+            quirks.step, quirks.learned = step, True
+        return result
+    raise AssertionError("unreachable")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from ..api import Key
 from ..nethsm import vocabulary
 from . import csr, importer, keys
-from .bridge import Bridge, Req, check_id
+from .bridge import Bridge, Req, check_id, parse_json
 from .errors import ApiError, bad_request, not_found
 from .state import KeyRecord
 
@@ -142,11 +141,7 @@ def generate(b: Bridge, req: Req) -> Response:
 
 def _import_body(req: Req) -> tuple[str, importer.PrivateKey, list[str], dict[str, Any]]:
     if req.form is not None:
-        args_raw = req.form.get("arguments", "{}")
-        try:
-            args = json.loads(args_raw)
-        except ValueError:
-            raise bad_request("the 'arguments' part is not valid JSON") from None
+        args = parse_json(req.form.get("arguments", "{}"), "the 'arguments' part")
         if not isinstance(args, dict) or set(args) - {"mechanisms", "restrictions", "label"}:
             raise bad_request("'arguments' may only hold mechanisms, restrictions and label")
         pem = req.form.get("key_file")

@@ -11,11 +11,14 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from .auth import check_passphrase_strength, hash_passphrase, verify_passphrase
+from .auth import check_passphrase_strength
 from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
 from .errors import ApiError, bad_request
 from .keys import b64
 from .tls import public_key_pem
+
+#: the throttling subject of unlock passphrase checks (not a valid user ID)
+UNLOCK = "<unlock>"
 
 
 def info(b: Bridge, req: Req) -> Response:
@@ -51,7 +54,7 @@ def provision(b: Bridge, req: Req) -> Response:
     admin = check_passphrase_strength(body["adminPassphrase"], "adminPassphrase")
     _check_time(body["systemTime"])
     admin_user = b.new_user("admin", "admin", "Administrator", admin)
-    unlock_hash = hash_passphrase(unlock)
+    unlock_hash = b.passphrases.hash(unlock)
     b.provision(admin_user, unlock_hash)
     return Response(status_code=204)
 
@@ -61,10 +64,16 @@ def unlock(b: Bridge, req: Req) -> Response:
     passphrase = body["passphrase"]
     if not isinstance(passphrase, str):
         raise bad_request("passphrase must be a string")
-    b.creds.check_rate(req.client, "<unlock>")
-    stored = b.store.get_setting("unlock_hash") or ""
-    if not verify_passphrase(stored, passphrase):
-        b.failed_login(req.client, "<unlock>")
+    stored = b.store.get_setting("unlock_hash")
+    if not b.passphrases.check(
+        req.client,
+        UNLOCK,
+        passphrase,
+        stored,
+        remember=False,
+        upgrade=lambda new: stored is not None and b.store.replace_hash(None, stored, new),
+    ):
+        b.store.share_failed_login(req.client, UNLOCK)  # the other replicas throttle too
         raise ApiError(403, "unlock failed: wrong unlock passphrase")
     b.set_state(LOCKED, OPERATIONAL)
     return Response(status_code=204)
@@ -112,11 +121,12 @@ def set_unlock_passphrase(b: Bridge, req: Req) -> Response:
     body = req.json_object({"newPassphrase", "currentPassphrase"})
     new = check_passphrase_strength(body["newPassphrase"], "newPassphrase")
     current = body["currentPassphrase"]
-    if not isinstance(current, str) or not verify_passphrase(
-        b.store.get_setting("unlock_hash") or "", current
+    stored = b.store.get_setting("unlock_hash")
+    if not isinstance(current, str) or not b.passphrases.check(
+        req.client, UNLOCK, current, stored, remember=False
     ):
         raise bad_request("currentPassphrase is not the current unlock passphrase")
-    new_hash = hash_passphrase(new)
+    new_hash = b.passphrases.hash(new)
     b.store.set_settings(unlock_hash=new_hash)
     return Response(status_code=204)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from .auth import check_passphrase_strength, hash_passphrase
+from .auth import check_passphrase_strength
 from .bridge import ROLES, Bridge, Req, check_id, check_user_id
 from .errors import ApiError, bad_request, not_found
 from .state import UserRecord
@@ -23,11 +23,17 @@ def _user_or_404(b: Bridge, user_id: str) -> UserRecord:
     return user
 
 
-def _self_or_admin(req: Req, user_id: str) -> None:
-    """Operators may only look at (and change) themselves."""
+def _own_or_any(b: Bridge, req: Req) -> UserRecord:
+    """The user named in the path, which operators may only be themselves.
+
+    The role is checked before the lookup: an operator gets 403 for every other
+    user ID, existing or not, so it cannot learn which user names exist.
+    """
     assert req.user is not None
+    user_id = check_user_id(req.path["UserID"])
     if req.user.role != "Administrator" and req.user.id != user_id:
         raise ApiError(403, "access denied: operators may only access their own user")
+    return _user_or_404(b, user_id)
 
 
 def _user_body(req: Req) -> dict[str, Any]:
@@ -60,8 +66,7 @@ def post_users(b: Bridge, req: Req) -> Response:
 
 
 def get_user(b: Bridge, req: Req) -> Response:
-    user = _user_or_404(b, req.path["UserID"])
-    _self_or_admin(req, user.id)
+    user = _own_or_any(b, req)
     return JSONResponse({"realName": user.real_name, "role": user.role})
 
 
@@ -85,17 +90,15 @@ def delete_user(b: Bridge, req: Req) -> Response:
 
 
 def set_passphrase(b: Bridge, req: Req) -> Response:
-    user = _user_or_404(b, req.path["UserID"])
-    _self_or_admin(req, user.id)
+    user = _own_or_any(b, req)
     passphrase = check_passphrase_strength(req.json_object({"passphrase"})["passphrase"])
-    new_hash = hash_passphrase(passphrase)  # cached logins die with the old hash
+    new_hash = b.passphrases.hash(passphrase)  # cached logins die with the old hash
     b.store.update_user(replace(user, pass_hash=new_hash))
     return Response(status_code=204)
 
 
 def get_tags(b: Bridge, req: Req) -> Response:
-    user = _user_or_404(b, req.path["UserID"])
-    _self_or_admin(req, user.id)
+    user = _own_or_any(b, req)
     return JSONResponse(sorted(user.tags))
 
 

@@ -1,16 +1,24 @@
-"""The ASGI application: NetHSM REST API v1 routes over a :class:`Bridge`.
+"""The ASGI app: NetHSM REST API v1 routes over a :class:`Bridge`.
 
-Each route names its handler, the roles allowed to call it and the states it
-works in. The app reads the request, then runs state check, authentication and
-the handler in a worker thread (HSM calls and argon2 block), and turns every
-error into NetHSM's ``{"message": ...}`` body in one place.
+Each route names its handler, the roles allowed to call it, the states it
+works in and whether it takes a body (and whether that may be a form). A
+request is admitted only while fewer than ``max_requests`` are in progress
+(idle connections do not count: :mod:`hsmbridge.server.connections` limits
+those); then the state is checked and the caller authenticated *before* any
+body is read, so nobody without credentials can make the server read, buffer
+or parse more than a header. Bodies have one size cap whatever their content
+type (``max_public_body`` on the unauthenticated routes) and a time limit
+(the connection's), and are parsed — JSON, or multipart only on the routes that take forms — in a
+worker thread with the handler (HSM calls and argon2 block). A response to a
+request whose body was not read closes the connection. Every error becomes
+NetHSM's ``{"message": ...}`` body in one place.
 
 Every signature is one HTTP request, and the one event-loop thread parses all
 of them, so the app is a small ASGI callable of its own rather than Starlette's
 router and middleware stack: routes are compiled once and looked up by their
-first path segment, the body is read straight off ``receive``, and handlers run
-on a plain thread pool. Starlette still parses multipart forms and renders the
-responses.
+first path segment, credentials verified before are recognised on the event
+loop (an HMAC, no I/O), and handlers run on a plain thread pool. Starlette
+still renders the responses.
 """
 
 from __future__ import annotations
@@ -22,22 +30,22 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import URL, Headers
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import HSMError
-from . import api_keys, api_system, api_users
+from . import api_keys, api_system, api_users, forms
 from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
+from .connections import client_key
 from .errors import ApiError, from_hsm_error, not_implemented
+from .state import UserRecord
 
 log = logging.getLogger("hsmbridge.server")
 
 PREFIX = "/api/v1"
-MAX_BODY = 2 * 1024 * 1024
 ANY_STATE = (UNPROVISIONED, LOCKED, OPERATIONAL)
 ADMIN = ("Administrator",)
 OPERATOR = ("Operator",)
@@ -48,6 +56,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+#: what a route reads: nothing, a body (JSON or bytes), or a body that may be a form
+Body = Literal["none", "data", "form"]
+NO_BODY: Body = "none"
+DATA: Body = "data"
+FORM: Body = "form"
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class Op:
     handler: Handler
     roles: tuple[str, ...] | None  # None: public, no authentication
     states: tuple[str, ...] = (OPERATIONAL,)
+    body: Body = NO_BODY
 
 
 S, U, K = api_system, api_users, api_keys
@@ -65,53 +79,59 @@ ROUTES: dict[str, dict[str, Op]] = {
     "/health/alive": {"GET": Op(S.health_alive, None, ANY_STATE)},
     "/health/ready": {"GET": Op(S.health_ready, None, ANY_STATE)},
     "/health/state": {"GET": Op(S.health_state, None, ANY_STATE)},
-    "/provision": {"POST": Op(S.provision, None, (UNPROVISIONED,))},
-    "/unlock": {"POST": Op(S.unlock, None, (LOCKED,))},
+    "/provision": {"POST": Op(S.provision, None, (UNPROVISIONED,), DATA)},
+    "/unlock": {"POST": Op(S.unlock, None, (LOCKED,), DATA)},
     "/lock": {"POST": Op(S.lock, ADMIN)},
-    "/random": {"POST": Op(S.random, OPERATOR)},
+    "/random": {"POST": Op(S.random, OPERATOR, body=DATA)},
     "/metrics": {"GET": Op(S.metrics, ("Metrics",))},
     "/system/info": {"GET": Op(S.system_info, ADMIN)},
-    "/config/unlock-passphrase": {"PUT": Op(S.set_unlock_passphrase, ADMIN)},
+    "/config/unlock-passphrase": {"PUT": Op(S.set_unlock_passphrase, ADMIN, body=DATA)},
     "/config/unattended-boot": {
         "GET": Op(S.get_unattended_boot, ADMIN),
-        "PUT": Op(S.set_unattended_boot, ADMIN),
+        "PUT": Op(S.set_unattended_boot, ADMIN, body=DATA),
     },
     "/config/tls/public.pem": {"GET": Op(S.tls_public_pem, ADMIN)},
     "/config/tls/cert.pem": {"GET": Op(S.tls_cert_pem, ADMIN)},
     "/config/time": {"GET": Op(S.get_time, ADMIN)},
-    "/users": {"GET": Op(U.list_users, ADMIN), "POST": Op(U.post_users, ADMIN)},
+    "/users": {"GET": Op(U.list_users, ADMIN), "POST": Op(U.post_users, ADMIN, body=DATA)},
     "/users/{UserID}": {
         "GET": Op(U.get_user, ADMIN_OR_OPERATOR),
-        "PUT": Op(U.put_user, ADMIN),
+        "PUT": Op(U.put_user, ADMIN, body=DATA),
         "POST": Op(U.post_user_in_namespace, ADMIN),
         "DELETE": Op(U.delete_user, ADMIN),
     },
-    "/users/{UserID}/passphrase": {"POST": Op(U.set_passphrase, ADMIN_OR_OPERATOR)},
+    "/users/{UserID}/passphrase": {"POST": Op(U.set_passphrase, ADMIN_OR_OPERATOR, body=DATA)},
     "/users/{UserID}/tags": {"GET": Op(U.get_tags, ADMIN_OR_OPERATOR)},
     "/users/{UserID}/tags/{Tag}": {
         "PUT": Op(U.put_tag, ADMIN),
         "DELETE": Op(U.delete_tag, ADMIN),
     },
-    "/keys": {"GET": Op(K.list_keys, ADMIN_OR_OPERATOR), "POST": Op(K.import_post, ADMIN)},
-    "/keys/generate": {"POST": Op(K.generate, ADMIN)},
+    "/keys": {
+        "GET": Op(K.list_keys, ADMIN_OR_OPERATOR),
+        "POST": Op(K.import_post, ADMIN, body=FORM),
+    },
+    "/keys/generate": {"POST": Op(K.generate, ADMIN, body=DATA)},
     "/keys/{KeyPrefix}*": {"GET": Op(K.list_keys_prefix, ADMIN_OR_OPERATOR)},
     "/keys/{KeyID}": {
         "GET": Op(K.get_key, ADMIN_OR_OPERATOR),
-        "PUT": Op(K.import_put, ADMIN),
+        "PUT": Op(K.import_put, ADMIN, body=FORM),
         "DELETE": Op(K.delete_key, ADMIN),
     },
-    "/keys/{KeyID}/label": {"PUT": Op(K.set_label, ADMIN), "DELETE": Op(K.delete_label, ADMIN)},
+    "/keys/{KeyID}/label": {
+        "PUT": Op(K.set_label, ADMIN, body=DATA),
+        "DELETE": Op(K.delete_label, ADMIN),
+    },
     "/keys/{KeyID}/public.pem": {"GET": Op(K.public_pem, ADMIN_OR_OPERATOR)},
-    "/keys/{KeyID}/csr.pem": {"POST": Op(K.key_csr, ADMIN_OR_OPERATOR)},
-    "/keys/{KeyID}/decrypt": {"POST": Op(K.decrypt, OPERATOR)},
-    "/keys/{KeyID}/encrypt": {"POST": Op(K.encrypt, OPERATOR)},
-    "/keys/{KeyID}/sign": {"POST": Op(K.sign, OPERATOR)},
+    "/keys/{KeyID}/csr.pem": {"POST": Op(K.key_csr, ADMIN_OR_OPERATOR, body=DATA)},
+    "/keys/{KeyID}/decrypt": {"POST": Op(K.decrypt, OPERATOR, body=DATA)},
+    "/keys/{KeyID}/encrypt": {"POST": Op(K.encrypt, OPERATOR, body=DATA)},
+    "/keys/{KeyID}/sign": {"POST": Op(K.sign, OPERATOR, body=DATA)},
     "/keys/{KeyID}/cert": {
         "GET": Op(K.get_cert, ADMIN_OR_OPERATOR),
-        "PUT": Op(K.put_cert, ADMIN),
+        "PUT": Op(K.put_cert, ADMIN, body=DATA),
         "DELETE": Op(K.delete_cert, ADMIN),
     },
-    "/keys/{KeyID}/move": {"POST": Op(K.move, ADMIN)},
+    "/keys/{KeyID}/move": {"POST": Op(K.move, ADMIN, body=DATA)},
     "/keys/{KeyID}/restrictions/tags/{Tag}": {
         "PUT": Op(K.put_key_tag, ADMIN),
         "DELETE": Op(K.delete_key_tag, ADMIN),
@@ -156,11 +176,16 @@ def error_response(exc: ApiError) -> Response:
 
 
 def dispatch(bridge: Bridge, op: Op, req: Req) -> Response:
-    """State check, authentication, handler; every failure becomes a JSON error."""
+    """Form parsing (if the route takes forms) and the handler; every failure a JSON error.
+
+    The state was checked before the body was read; it is checked again here
+    because the body may have taken a while (a lock in between wins).
+    """
     try:
         bridge.require_state(*op.states)
-        if op.roles is not None:
-            req.user = bridge.authenticate(req, op.roles)
+        content_type = req.headers.get("content-type", "")
+        if op.body == FORM and forms.is_multipart(content_type):
+            req.form = forms.parse_multipart(content_type, req.body, bridge.limits)
         return op.handler(bridge, req)
     except ApiError as exc:
         return error_response(exc)
@@ -253,10 +278,21 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-async def _read_body(receive: Receive, headers: Headers) -> bytes:
+def _has_body(headers: Headers) -> bool:
     length = headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    return "transfer-encoding" in headers or (length is not None and length.strip() != "0")
+
+
+async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+    """The whole body, whatever its content type: 413 beyond ``limit``.
+
+    A body that stops arriving is cut off by the connection's body deadline
+    (:mod:`hsmbridge.server.connections`), which then reads as a disconnect.
+    """
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes")
+    length = headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise too_large
     chunks = []
     size = 0
     while True:
@@ -265,19 +301,11 @@ async def _read_body(receive: Receive, headers: Headers) -> bytes:
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+        if size > limit:
+            raise too_large
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _read_form(scope: Scope, receive: Receive) -> dict[str, str | bytes]:
-    form: dict[str, str | bytes] = {}
-    async with Request(scope, receive).form(max_files=2, max_fields=8) as data:
-        for name, value in data.items():
-            form[name] = value if isinstance(value, str) else await value.read()
-    return form
 
 
 def _base_url(scope: Scope) -> str:
@@ -295,6 +323,9 @@ class BridgeApp:
         self.router = Router(route_table())
         self.threads = threads
         self.flush_interval = flush_interval
+        self.limits = bridge.limits
+        #: requests admitted and not yet answered (read on the event loop only)
+        self.requests = 0
         self._pool: ThreadPoolExecutor | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -308,48 +339,70 @@ class BridgeApp:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self._respond(scope, receive)
-        except ClientGone:
-            return
-        except Exception:
-            log.exception("unhandled error")
-            response = JSONResponse(
-                {"message": "internal error in hsmbridge serve"}, status_code=500
+        headers = Headers(scope=scope)
+        unread = [_has_body(headers)]  # a body left unread: close the connection after
+        if self.requests >= self.limits.max_requests:
+            response = error_response(
+                ApiError(
+                    503, "the server is at its request limit; retry shortly", {"Retry-After": "1"}
+                )
             )
+        else:
+            self.requests += 1
+            try:
+                response = await self._respond(scope, receive, headers, unread)
+            except ClientGone:
+                return
+            except Exception:
+                log.exception("unhandled error")
+                response = JSONResponse(
+                    {"message": "internal error in hsmbridge serve"}, status_code=500
+                )
+            finally:
+                self.requests -= 1
+        if unread[0]:
+            response.headers["connection"] = "close"
         await response(scope, receive, send)
 
-    async def _respond(self, scope: Scope, receive: Receive) -> Response:
+    async def _respond(
+        self, scope: Scope, receive: Receive, headers: Headers, unread: list[bool]
+    ) -> Response:
         method: str = scope["method"]
+        client = scope.get("client")
+        who = client_key(client[0] if client else None)
         try:
             op, params = self.router.resolve(method, scope["path"])
-            headers = Headers(scope=scope)
-            form = None
+            self.bridge.require_state(*op.states)
+            user = await self._authenticate(op, headers, who)
             body = b""
-            try:
-                if headers.get("content-type", "").startswith("multipart/form-data"):
-                    form = await _read_form(scope, receive)
-                else:
-                    body = await _read_body(receive, headers)
-            except (ApiError, ClientGone):
-                raise
-            except Exception as exc:  # malformed multipart and the like
-                raise ApiError(400, f"cannot read the request body: {exc}") from None
+            if op.body != NO_BODY:
+                limit = self.limits.max_body if op.roles else self.limits.max_public_body
+                body = await _read_body(receive, headers, limit)
+                unread[0] = False
         except ApiError as exc:
             return error_response(exc)
-        client = scope.get("client")
         req = Req(
             method=method,
             path=params,
             query=dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)),
             headers=headers,
             body=body,
-            client=client[0] if client else "unknown",
+            client=who,
             base_url=_base_url(scope),
-            form=form,
+            user=user,
         )
         response: Response = await self._in_thread(dispatch, self.bridge, op, req)
         return response
+
+    async def _authenticate(self, op: Op, headers: Headers, client: str) -> UserRecord | None:
+        """The caller: credentials verified before on the loop, others (argon2) in a thread."""
+        if op.roles is None:
+            return None
+        authorization = headers.get("authorization")
+        user = self.bridge.cached_login(authorization, op.roles)
+        if user is None:
+            user = await self._in_thread(self.bridge.authenticate, authorization, client, op.roles)
+        return user
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         flusher: asyncio.Task[None] | None = None
@@ -381,5 +434,6 @@ class BridgeApp:
 
 
 def build_app(bridge: Bridge, threads: int = 64, flush_interval: float = 2.0) -> BridgeApp:
-    """The ASGI app for ``bridge``; ``threads`` bounds concurrent blocking work."""
+    """The ASGI app for ``bridge`` (limits from ``bridge.limits``); ``threads`` bounds
+    concurrent blocking work."""
     return BridgeApp(bridge, threads, flush_interval)

@@ -19,14 +19,17 @@ from typing import Any
 
 from ..api import HSM, Key
 from ..errors import HSMError, HSMUnavailable, KeyExists, KeyNotFound
-from .auth import CredentialCache, hash_passphrase, parse_basic, verify_passphrase
+from . import statedir
+from .auth import Passphrases, parse_basic
 from .errors import ApiError, bad_request, not_found
-from .state import KeyRecord, UserRecord, open_store
+from .limits import DEFAULT, Limits
+from .state import SQLITE_FILE, KeyRecord, UserRecord, open_store
 
 log = logging.getLogger("hsmbridge.server")
 
-ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-USER_ID_RE = re.compile(r"^([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+# Matched with fullmatch: ``$`` would also match before a trailing newline.
+ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+USER_ID_RE = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 
 UNPROVISIONED, LOCKED, OPERATIONAL = "Unprovisioned", "Locked", "Operational"
 ROLES = ("Administrator", "Operator", "Metrics", "Backup")
@@ -48,10 +51,7 @@ class Req:
 
     def json_object(self, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
         """The body as a JSON object with exactly the allowed properties (else 400)."""
-        try:
-            data = json.loads(self.body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("the request body is not valid JSON") from None
+        data = parse_json(self.body)
         if not isinstance(data, dict):
             raise bad_request("the request body must be a JSON object")
         unknown = set(data) - required - optional
@@ -63,8 +63,44 @@ class Req:
         return data
 
 
+def parse_json(body: bytes | str, what: str = "the request body", limits: Limits = DEFAULT) -> Any:
+    """JSON text as Python data; 400 for anything but valid JSON of valid Unicode.
+
+    Nesting deeper than ``max_json_depth`` and strings with lone surrogates
+    (``"\\ud800"``, which no encoder can write back) are malformed input too.
+    """
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    try:
+        data = json.loads(body or "null")
+        if b"\\u" in raw or b"\xed" in raw:  # the only ways to spell a surrogate
+            json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates raise
+    except RecursionError:
+        raise bad_request(f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeError):
+        raise bad_request(f"{what} is not valid JSON (UTF-8, no lone surrogates)") from None
+    nesting = raw.count(b"[") + raw.count(b"{")  # an upper bound of the depth, in C
+    if nesting > limits.max_json_depth and _depth(data) > limits.max_json_depth:
+        raise bad_request(f"{what} is nested deeper than {limits.max_json_depth} levels")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of JSON data (1 for a scalar), level by level without recursion."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        children: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(v for v in item.values() if isinstance(v, dict | list))
+            elif isinstance(item, list):
+                children.extend(v for v in item if isinstance(v, dict | list))
+        level = children
+    return depth
+
+
 def check_id(value: str, what: str = "KeyID") -> str:
-    if not (1 <= len(value) <= 128) or not ID_RE.match(value):
+    if not (1 <= len(value) <= 128) or not ID_RE.fullmatch(value):
         raise bad_request(
             f"{what} {value[:130]!r} is invalid: 1-128 characters of [a-zA-Z0-9_.-], "
             "starting with a letter or digit"
@@ -73,13 +109,32 @@ def check_id(value: str, what: str = "KeyID") -> str:
 
 
 def check_user_id(value: str) -> str:
-    if not (1 <= len(value) <= 128) or not USER_ID_RE.match(value):
+    if not (1 <= len(value) <= 128) or not USER_ID_RE.fullmatch(value):
         raise bad_request(f"UserID {value[:130]!r} is invalid")
     if "~" in value:
         raise bad_request(
             "namespaced users (namespace~user) are not implemented by hsmbridge serve"
         )
     return value
+
+
+def _credentials(authorization: str | None) -> tuple[str, str]:
+    creds = parse_basic(authorization)
+    if creds is None:
+        raise ApiError(
+            401,
+            "authentication required: send HTTP Basic credentials",
+            {"WWW-Authenticate": 'Basic realm="NetHSM"'},
+        )
+    return creds
+
+
+def _with_role(user: UserRecord, roles: tuple[str, ...]) -> UserRecord:
+    if user.role not in roles:
+        raise ApiError(
+            403, f"access denied: this needs the role {' or '.join(roles)}, not {user.role}"
+        )
+    return user
 
 
 class Bridge:
@@ -90,19 +145,22 @@ class Bridge:
         hsm: HSM,
         state_dir: Path,
         tls_cert: Path | None = None,
+        limits: Limits = DEFAULT,
         database: str | None = None,
     ) -> None:
         self.hsm = hsm
         self.state_dir = state_dir
         self.tls_cert = tls_cert
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
+        statedir.prepare(state_dir)
+        if not database:  # SQLite gives -wal and -shm the mode of the database file
+            statedir.create_private(state_dir / SQLITE_FILE)
         self.store = open_store(database, state_dir)
-        self.creds = CredentialCache()
-        self.store.on_failed_login = self.creds.record_failure
+        self.passphrases = Passphrases(limits)
+        self.store.on_failed_login = self.passphrases.record_failure
         self.started = time.time()
         self._keys: dict[str, Key] = {}
         self._keys_lock = threading.Lock()
-        self._dummy_hash = hash_passphrase("hsmbridge-no-such-user")
         # The first replica to start comes up Locked (or Operational with unattended
         # boot), like the appliance; a replica joining live others takes their state.
         others = set(self.store.live_replicas()) - {self.store.replica_id}
@@ -139,38 +197,38 @@ class Bridge:
 
     # -- authentication ----------------------------------------------------------
 
-    def authenticate(self, req: Req, roles: tuple[str, ...]) -> UserRecord:
-        """The caller (401/429 if unknown or throttled), checked against ``roles`` (403)."""
-        creds = parse_basic(req.headers.get("authorization"))
-        if creds is None:
-            raise ApiError(
-                401,
-                "authentication required: send HTTP Basic credentials",
-                {"WWW-Authenticate": 'Basic realm="NetHSM"'},
-            )
-        user_id, passphrase = creds
-        self.creds.check_rate(req.client, user_id)
+    def cached_login(self, authorization: str | None, roles: tuple[str, ...]) -> UserRecord | None:
+        """The caller if these credentials were verified before, else None (then
+        :meth:`authenticate`). Memory lookups and one HMAC: safe on the event loop."""
+        user_id, passphrase = _credentials(authorization)
+        user = self.store.cached_user(user_id)
+        if user is None or not self.passphrases.known(user_id, passphrase, user.pass_hash):
+            return None
+        return _with_role(user, roles)
+
+    def authenticate(
+        self, authorization: str | None, client: str, roles: tuple[str, ...]
+    ) -> UserRecord:
+        """The caller, checked against ``roles`` (403); 401 if unknown, 429 when
+        throttled, 503 when every argon2 slot is busy."""
+        user_id, passphrase = _credentials(authorization)
         user = self.store.get_user(user_id)
-        ok = user is not None and self.creds.known(user_id, passphrase, user.pass_hash)
-        if not ok:
-            ok = verify_passphrase(user.pass_hash if user else self._dummy_hash, passphrase)
-            ok = ok and user is not None
-            if ok and user is not None:
-                self.creds.remember(user_id, passphrase, user.pass_hash)
+        stored = user.pass_hash if user else None
+
+        def upgrade(new_hash: str) -> bool:  # called only for a right passphrase
+            return stored is not None and self.store.replace_hash(user_id, stored, new_hash)
+
+        ok = self.passphrases.check(client, user_id, passphrase, stored, upgrade=upgrade)
         if not ok or user is None:
-            self.failed_login(req.client, user_id)
+            self.store.share_failed_login(client, user_id)  # the other replicas throttle too
             raise ApiError(
                 401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}
             )
-        if user.role not in roles:
-            raise ApiError(
-                403, f"access denied: this needs the role {' or '.join(roles)}, not {user.role}"
-            )
-        return user
+        return _with_role(user, roles)
 
     def failed_login(self, client: str, user: str) -> None:
         """Throttle ``client`` and ``user`` for a second, on every replica."""
-        self.creds.record_failure(client, user)
+        self.passphrases.record_failure(client, user)
         self.store.share_failed_login(client, user)
 
     # -- keys ------------------------------------------------------------------------
@@ -301,7 +359,7 @@ class Bridge:
     # -- users -----------------------------------------------------------------------
 
     def new_user(self, user_id: str, real_name: str, role: str, passphrase: str) -> UserRecord:
-        return UserRecord(user_id, real_name, role, hash_passphrase(passphrase))
+        return UserRecord(user_id, real_name, role, self.passphrases.hash(passphrase))
 
     def provision(self, admin: UserRecord, unlock_hash: str) -> None:
         """Store the first administrator and unlock passphrase; Unprovisioned -> Operational."""

@@ -10,6 +10,7 @@ SAN extension, and ``IP:`` marks an IP address.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from asn1crypto import csr as asn1_csr
@@ -18,6 +19,7 @@ from asn1crypto import pem, x509
 
 from ..api import EC, Ed25519, Key
 from .errors import bad_request
+from .limits import DEFAULT, Limits
 
 #: DistinguishedName property -> asn1crypto name attribute.
 DN_FIELDS = {
@@ -29,6 +31,33 @@ DN_FIELDS = {
     "commonName": "common_name",
     "emailAddress": "email_address",
 }
+
+
+#: C0 and C1 controls and DEL: never part of a name (NUL would truncate it in C parsers)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_text(what: str, value: str, limits: Limits) -> None:
+    if len(value) > limits.max_name_chars:
+        raise bad_request(f"{what} is longer than {limits.max_name_chars} characters")
+    if _CONTROL.search(value):
+        raise bad_request(f"{what} contains a control character")
+
+
+def check_subject(dn: dict[str, Any], limits: Limits = DEFAULT) -> None:
+    """Bound a DistinguishedName before any encoding: field lengths, controls, SAN count."""
+    for name, value in dn.items():
+        if name in DN_FIELDS and isinstance(value, str):
+            _check_text(name, value, limits)
+    sans = dn.get("subjectAltNames", [])
+    if isinstance(sans, list):
+        if len(sans) > limits.max_subject_alt_names:
+            raise bad_request(f"at most {limits.max_subject_alt_names} subjectAltNames are allowed")
+        for san in sans:
+            if isinstance(san, str):
+                _check_text("a subjectAltName", san, limits)
+                if not san.strip() or " " in san:
+                    raise bad_request(f"subjectAltName {san[:64]!r} is empty or has spaces")
 
 
 def _general_names(sans: list[str]) -> list[x509.GeneralName]:
@@ -47,6 +76,7 @@ def _general_names(sans: list[str]) -> list[x509.GeneralName]:
 
 def build_csr(key: Key, dn: dict[str, Any]) -> str:
     """A PEM CSR for ``key`` with the subject ``dn`` (NetHSM DistinguishedName)."""
+    check_subject(dn)
     subject = {DN_FIELDS[k]: v for k, v in dn.items() if k in DN_FIELDS and v != ""}
     if "common_name" not in subject:
         raise bad_request("commonName must be a non-empty string")

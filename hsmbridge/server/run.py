@@ -1,9 +1,11 @@
 """Running the bridge: ``serve()`` for the command, ``start_in_thread()`` for tests.
 
 uvicorn serves HTTPS with keep-alive and concurrent requests and stops
-gracefully on SIGTERM/SIGINT (it finishes requests in flight). Without a
-certificate the server makes a self-signed one in the state directory on first
-start, reuses it afterwards, and prints its SHA-256 fingerprint for pinning.
+gracefully on SIGTERM/SIGINT (it finishes requests in flight); the TLS
+handshake, connection caps and header limits are :mod:`.connections`'. Without
+a certificate the server makes a self-signed one in the state directory on
+first start, reuses it afterwards, and prints its SHA-256 fingerprint for
+pinning. The state directory is private (:mod:`.statedir`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,28 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..api import HSM
 from ..errors import ConfigurationError
-from . import tls
+from . import statedir, tls
 from .app import build_app
 from .bridge import Bridge
+from .limits import DEFAULT, Limits
 
 log = logging.getLogger("hsmbridge.server")
 
 DEFAULT_THREADS = 64
+#: file descriptors kept for everything but client connections (database, token, threads)
+_RESERVED_FDS = 256
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -64,14 +70,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _state_dir(state_dir: str | Path) -> Path:
-    state = Path(state_dir)
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot create the state directory {str(state)!r}: {exc.strerror}; "
-            "create it, or give a writable --state-dir"
-        ) from None
+    state = statedir.prepare(Path(state_dir))  # 0700, files 0600; refused if others can write
     if not os.access(state, os.W_OK | os.X_OK):
         raise ConfigurationError(f"the state directory {str(state)!r} is not writable")
     return state
@@ -88,37 +87,69 @@ def _tls_files(
     return tls.ensure_self_signed(state_dir, names)
 
 
-def _http_parser() -> str:
-    """uvicorn's HTTP implementation: httptools when installed, else h11.
-
-    Every signature is one request and one event-loop thread parses them all;
-    httptools (C) takes that thread's cost per request from ~0.55 to ~0.35 ms.
-    (uvloop was measured too and did not help, so the loop stays asyncio.)
-    """
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return "h11"
-    return "httptools"
-
-
-def _uvicorn_config(app: Any, cert: Path, key: Path, threads: int, **kw: Any) -> Any:
+def _uvicorn_config(app: Any, cert: Path, key: Path, limits: Limits, **kw: Any) -> Any:
+    """uvicorn over :class:`.connections.ConnectionGuard` (which does TLS itself)."""
     import uvicorn
 
+    try:
+        from .connections import ConnectionGuard, server_ssl_context
+    except ImportError as exc:  # httptools is in the server extra
+        raise ConfigurationError(
+            f"hsmbridge serve needs the server extra (pip install 'hsmbridge[server]'): {exc}"
+        ) from None
+    try:
+        context = server_ssl_context(str(cert), str(key))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot load the TLS certificate {cert} and key {key}: {exc}"
+        ) from None
+    guard = ConnectionGuard(limits, context)
     return uvicorn.Config(
         app,
-        http=kw.pop("http", _http_parser()),
+        http=cast(Any, guard.protocol),
+        ws="none",
         loop=kw.pop("loop", "asyncio"),
-        ssl_certfile=str(cert),
-        ssl_keyfile=str(key),
         log_level=kw.pop("log_level", "warning"),
         access_log=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=int(limits.keep_alive_timeout),
         timeout_graceful_shutdown=kw.pop("graceful", 10),
-        limit_concurrency=threads * 16,
+        limit_concurrency=None,  # requests are limited by the app, connections by the guard
         lifespan="on",
         **kw,
     )
+
+
+def _fit_to_fd_limit(limits: Limits) -> Limits:
+    """Raise the soft descriptor limit for ``max_connections``, or lower the cap to fit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = limits.max_connections + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(16, soft - _RESERVED_FDS)
+        log.warning(
+            "open-file limit %d: at most %d client connections (not %d)",
+            soft,
+            fitted,
+            limits.max_connections,
+        )
+        return replace(limits, max_connections=fitted)
+    return limits
+
+
+def configure_logging() -> None:
+    """INFO and above to stderr, unless the embedding program configured logging itself.
+
+    Messages name users, keys and clients, never passphrases, PINs or key material.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
 
 
 def _graceful_server(config: Any) -> Any:
@@ -155,21 +186,24 @@ def serve(
     pin: str | None = None,
     *,
     threads: int = DEFAULT_THREADS,
+    limits: Limits = DEFAULT,
     database: str | None = None,
 ) -> None:
     """Serve the NetHSM API over the HSM at ``hsm_uri`` until SIGTERM/SIGINT.
 
-    ``pin`` overrides the URI's PIN (else pin-value/pin-source/HSMBRIDGE_PIN).
+    ``pin`` overrides the URI's PIN (else pin-source/pin-env/HSMBRIDGE_PIN).
     ``database`` is a ``postgresql://`` URI shared by replicas (default: SQLite
     in ``state_dir``); it is checked before the HSM is opened.
     """
 
     import hsmbridge
 
+    configure_logging()
     host, port = _split_listen(listen)
     state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
     sock = _bind(host, port)
+    limits = _fit_to_fd_limit(limits)
     options: dict[str, Any] = {"pin": pin} if pin is not None else {}
     if hsm_uri.startswith("pkcs11:"):
         # A PKCS#11 session per request thread: signatures never queue for a session
@@ -185,7 +219,7 @@ def serve(
         sock.close()
         raise
     try:
-        bridge = Bridge(hsm, state, cert, database)
+        bridge = Bridge(hsm, state, cert, limits, database)
     except BaseException:
         sock.close()
         hsm.close()
@@ -194,7 +228,7 @@ def serve(
         print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
         print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
         print(f"state: {bridge.state} ({bridge.store.description})", flush=True)
-        config = _uvicorn_config(build_app(bridge, threads), cert, key, threads)
+        config = _uvicorn_config(build_app(bridge, threads), cert, key, limits)
         _graceful_server(config).run(sockets=[sock])
         print("hsmbridge serve: stopped", flush=True)
     finally:
@@ -239,6 +273,7 @@ def start_in_thread(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     threads: int = DEFAULT_THREADS,
+    limits: Limits = DEFAULT,
     startup_timeout: float = 30.0,
     database: str | None = None,
 ) -> RunningServer:
@@ -253,9 +288,9 @@ def start_in_thread(
     state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
     sock = _bind(host, port)
-    bridge = Bridge(hsm, state, cert, database)
+    bridge = Bridge(hsm, state, cert, limits, database)
     bound_port = sock.getsockname()[1]
-    config = _uvicorn_config(build_app(bridge, threads), cert, key, threads, graceful=1)
+    config = _uvicorn_config(build_app(bridge, threads), cert, key, limits, graceful=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="hsmbridge-serve", daemon=True

@@ -329,6 +329,10 @@ class Store(ABC):
 
     # -- users ---------------------------------------------------------------------
 
+    def cached_user(self, user_id: str) -> UserRecord | None:
+        """The user's record if it is in the cache (no I/O, no lock), else None."""
+        return self._users.get(user_id) if self._caching else None
+
     def get_user(self, user_id: str) -> UserRecord | None:
         """The user's record (shared and frozen), or None."""
         user = self._users.get(user_id) if self._caching else None
@@ -360,6 +364,20 @@ class Store(ABC):
     def update_user(self, user: UserRecord) -> None:
         with self.transaction() as tx:
             Store.put_user(tx, user)
+
+    def replace_hash(self, user_id: str | None, old: str, new: str) -> bool:
+        """Swap a passphrase hash (a user's; the unlock passphrase's for None) for a
+        re-hash of the same passphrase, unless it changed meanwhile."""
+        with self.transaction() as tx:
+            if user_id is None:
+                cursor = tx.execute(
+                    "UPDATE settings SET value=? WHERE name='unlock_hash' AND value=?", (new, old)
+                )
+            else:
+                cursor = tx.execute(
+                    "UPDATE users SET pass_hash=? WHERE id=? AND pass_hash=?", (new, user_id, old)
+                )
+            return cursor.rowcount == 1
 
     def delete_user(self, user_id: str) -> None:
         with self.transaction() as tx:
@@ -681,10 +699,14 @@ class SQLiteStore(Store):
         self._db.close()
 
 
+#: the SQLite database in the state directory
+SQLITE_FILE = "hsmbridge-server.sqlite3"
+
+
 def open_store(database: str | None, state_dir: Path) -> Store:
     """The store for ``--database``: SQLite in ``state_dir`` by default, else PostgreSQL."""
     if not database:
-        return SQLiteStore(state_dir / "hsmbridge-server.sqlite3")
+        return SQLiteStore(state_dir / SQLITE_FILE)
     if database.startswith(("postgresql://", "postgres://")):
         from .state_pg import PostgresStore
 

@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from ..api import HSM
+from .limits import DEFAULT, Limits
 from .run import RunningServer, start_in_thread
 
 TIMEOUT = 30  # seconds, every request
@@ -83,8 +84,9 @@ class BridgeServer:
 
     def restart(self) -> None:
         """Stop and start again on the same state directory (comes up Locked)."""
+        limits = self.server.bridge.limits
         self.server.stop()
-        self.server = start_in_thread(self.hsm, self.state_dir)
+        self.server = start_in_thread(self.hsm, self.state_dir, limits=limits)
 
 
 ADMIN_PASSPHRASE = "admin-passphrase-0"
@@ -114,8 +116,10 @@ def provision(bridge: BridgeServer) -> None:
             r.raise_for_status()
 
 
-def start_bridge(hsm: HSM, directory: Path, do_provision: bool) -> BridgeServer:
-    server = start_in_thread(hsm, directory)
+def start_bridge(
+    hsm: HSM, directory: Path, do_provision: bool, limits: Limits = DEFAULT, threads: int = 64
+) -> BridgeServer:
+    server = start_in_thread(hsm, directory, limits=limits, threads=threads)
     bridge = BridgeServer(
         server=server,
         hsm=hsm,
