@@ -34,7 +34,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import hsmbridge
 from hsmbridge.mechanisms import DIGEST_INFO_PREFIX
 from hsmbridge.testing import SoftToken
 
-from .serving import free_port, wait_ready
+from .serving import free_port, run_clients, wait_ready
 
 COUNT = int(os.environ.get("HSMBRIDGE_SERVER_BENCH_COUNT", "600"))
 ROUNDS = int(os.environ.get("HSMBRIDGE_SERVER_BENCH_ROUNDS", "3"))
@@ -142,11 +141,7 @@ def _over_server(
                     return
                 out[i] = base64.b64decode(r.json()[field])
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_clients(client, CLIENTS)
     assert not errors, errors[:3]
     return out
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -30,3 +32,12 @@ def wait_ready(url: str, cert: Path, process: subprocess.Popen[bytes], log: Path
                 pass
         time.sleep(0.1)
     raise RuntimeError("hsmbridge serve did not start within 60 s")
+
+
+def run_clients(client: Callable[[int], None], clients: int) -> None:
+    """``client(0)`` ... ``client(clients - 1)`` in parallel threads, until all return."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -24,6 +24,8 @@ from . import HSM_ENV, HSMError
 from . import open as open_hsm
 from .api import HSM, Key, parse_key_spec
 
+#: environment variable naming the PostgreSQL database replicas share (hsmbridge serve)
+DATABASE_ENV = "HSMBRIDGE_DATABASE"
 FORMATS = ("pem", "der", "jwk", "upload-json")
 #: what ``--key-type`` may say for upload-json; payment providers ask for RSA
 UPLOAD_KEY_TYPES = ("rsa", "ec", "any")
@@ -423,6 +425,12 @@ def _add_serve(add: Adder, common: _Parser) -> None:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument(
+        "--database",
+        default=os.environ.get(DATABASE_ENV),
+        help="postgresql://USER@HOST/DB shared by several replicas; its password only in "
+        f"PGPASSWORD/PGPASSFILE/.pgpass (default: ${DATABASE_ENV}, else SQLite in --state-dir)",
+    )
+    p.add_argument(
         "--allow-pin-in-argv",
         action="store_true",
         help="accept a pin-value= in --hsm although every local user can read it in ps",
@@ -447,7 +455,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "(a 0600 file), or put the URI in HSMBRIDGE_HSM; --allow-pin-in-argv accepts "
             "the exposure."
         )
-    serve(_require_hsm(args), args.listen, args.state_dir, args.tls_cert, args.tls_key)
+    serve(
+        _require_hsm(args),
+        args.listen,
+        args.state_dir,
+        args.tls_cert,
+        args.tls_key,
+        database=args.database,
+    )
 
 
 def _add_completion(add: Adder, common: _Parser) -> None:

@@ -16,6 +16,8 @@ packages="softhsm2 opensc openssl gcc python3-venv python3-dev"
 [ "${1:-}" = "--test" ] && packages="$packages opencryptoki swtpm swtpm-tools tpm2-tools \
     tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus \
     p11-kit p11-kit-modules libnss3 libnss3-tools libengine-pkcs11-openssl util-linux"
+# the replica tests run a real PostgreSQL and HAProxy (tests/replica_fixtures.py)
+[ "${1:-}" = "--test" ] && packages="$packages postgresql haproxy"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

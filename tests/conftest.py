@@ -12,7 +12,7 @@ from token_gaps import TOKEN
 import hsmbridge
 from hsmbridge.testing import SoftToken
 
-BACKENDS = [f"pkcs11-{TOKEN}", "nethsm"]
+BACKENDS = [f"pkcs11-{TOKEN}", "nethsm", "replicas"]
 
 
 @pytest.fixture
@@ -36,6 +36,8 @@ def hsm(request: pytest.FixtureRequest) -> hsmbridge.HSM:
     """Every backend behind the one key API: the conformance suite's subject."""
     if request.param.startswith("pkcs11"):
         return request.getfixturevalue("pkcs11_hsm")  # type: ignore[no-any-return]
+    if request.param == "replicas":  # three bridge replicas on PostgreSQL behind HAProxy
+        return request.getfixturevalue("replicas_hsm")  # type: ignore[no-any-return]
     try:
         return request.getfixturevalue("nethsm_hsm")  # type: ignore[no-any-return]
     except pytest.FixtureLookupError:
@@ -43,3 +45,4 @@ def hsm(request: pytest.FixtureRequest) -> hsmbridge.HSM:
 
 
 from nethsm_fixtures import nethsm_hsm  # noqa: E402, F401
+from replica_fixtures import cluster, postgres, replicas_hsm  # noqa: E402, F401

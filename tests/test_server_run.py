@@ -125,13 +125,14 @@ def test_cli_serve_logs_recovery_and_keeps_its_state_private(
 ) -> None:
     """``hsmbridge serve`` logs (here: the clean-up of a half-made key) and makes the state
     directory 0700 and every file in it 0600 (database, WAL, SHM, TLS key and cert)."""
-    from hsmbridge.server.state import KeyRecord, Store
+    from hsmbridge.server.state import KeyRecord, SQLiteStore
 
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
-    store = Store(state / "hsmbridge-server.sqlite3")  # as an older version left it: 0644
+    store = SQLiteStore(state / "hsmbridge-server.sqlite3")  # as an older version left it: 0644
     with store.transaction() as tx:
-        Store.put_key(tx, KeyRecord("halfmade", "EC_P256", [], "00" * 16, "x", status="pending"))
+        halfmade = KeyRecord("halfmade", "EC_P256", (), "00" * 16, "x", status="pending")
+        SQLiteStore.put_key(tx, halfmade)
     store.close()
     port = _free_port()
     process = _cli(

@@ -73,6 +73,7 @@ def unlock(b: Bridge, req: Req) -> Response:
         remember=False,
         upgrade=lambda new: stored is not None and b.store.replace_hash(None, stored, new),
     ):
+        b.store.share_failed_login(req.client, UNLOCK)  # the other replicas throttle too
         raise ApiError(403, "unlock failed: wrong unlock passphrase")
     b.set_state(LOCKED, OPERATIONAL)
     return Response(status_code=204)

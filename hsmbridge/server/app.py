@@ -428,9 +428,9 @@ class BridgeApp:
         while True:
             await asyncio.sleep(self.flush_interval)
             try:
-                await self._in_thread(self.bridge.store.flush_operations)
+                await self._in_thread(self.bridge.maintain)
             except Exception:
-                log.exception("writing operation counts failed; retrying later")
+                log.exception("writing operation counts or the heartbeat failed; retrying later")
 
 
 def build_app(bridge: Bridge, threads: int = 64, flush_interval: float = 2.0) -> BridgeApp:

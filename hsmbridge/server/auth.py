@@ -274,6 +274,12 @@ class Passphrases:
         finally:
             self._finish(client, subject, attempt, ok)
 
+    def record_failure(self, client: str, subject: str) -> None:
+        """A failed check made elsewhere (another replica): throttle the pair here too."""
+        now = time.monotonic()
+        with self._lock:
+            self._failed[(client, subject)] = now
+
     def _reserve(self, client: str, subject: str, mac: bytes) -> tuple[_Attempt, bool]:
         """(attempt, True) if this caller checks; (attempt, False) to wait for an identical one."""
         pair = (client, subject)

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..api import HSM, Key
-from ..errors import HSMError, KeyExists, KeyNotFound
+from ..errors import HSMError, HSMUnavailable, KeyExists, KeyNotFound
 from . import statedir
 from .auth import Passphrases, parse_basic
 from .errors import ApiError, bad_request, not_found
 from .limits import DEFAULT, Limits
-from .state import KeyRecord, Store, UserRecord
+from .state import SQLITE_FILE, KeyRecord, UserRecord, open_store
 
 log = logging.getLogger("hsmbridge.server")
 
@@ -146,46 +146,54 @@ class Bridge:
         state_dir: Path,
         tls_cert: Path | None = None,
         limits: Limits = DEFAULT,
+        database: str | None = None,
     ) -> None:
         self.hsm = hsm
         self.state_dir = state_dir
         self.tls_cert = tls_cert
         self.limits = limits
         statedir.prepare(state_dir)
-        database = state_dir / "hsmbridge-server.sqlite3"
-        statedir.create_private(database)  # SQLite gives -wal and -shm the same mode
-        self.store = Store(database)
+        if not database:  # SQLite gives -wal and -shm the mode of the database file
+            statedir.create_private(state_dir / SQLITE_FILE)
+        self.store = open_store(database, state_dir)
         self.passphrases = Passphrases(limits)
+        self.store.on_failed_login = self.passphrases.record_failure
         self.started = time.time()
-        self._state_lock = threading.Lock()
         self._keys: dict[str, Key] = {}
         self._keys_lock = threading.Lock()
-        if self.store.get_setting("provisioned") != "1":
-            self._state = UNPROVISIONED
-        elif self.store.get_setting("unattended_boot") == "on":
-            self._state = OPERATIONAL
-        else:
-            self._state = LOCKED
+        # The first replica to start comes up Locked (or Operational with unattended
+        # boot), like the appliance; a replica joining live others takes their state.
+        others = set(self.store.live_replicas()) - {self.store.replica_id}
+        if self.store.get_setting("provisioned") == "1" and (
+            not others or self.store.get_setting("state") is None
+        ):
+            boot = OPERATIONAL if self.store.get_setting("unattended_boot") == "on" else LOCKED
+            self.store.set_settings(state=boot)
         self.reconcile()
 
     # -- state -----------------------------------------------------------------------
 
     @property
     def state(self) -> str:
-        return self._state
+        """Unprovisioned, Locked or Operational: one state for every replica of a database."""
+        if self.store.get_setting("provisioned") != "1":
+            return UNPROVISIONED
+        return self.store.get_setting("state") or LOCKED
 
     def require_state(self, *states: str) -> None:
-        if self._state not in states:
+        state = self.state
+        if state not in states:
             raise ApiError(
                 412,
-                f"precondition failed: the bridge is {self._state}, this needs "
-                + " or ".join(states),
+                f"precondition failed: the bridge is {state}, this needs " + " or ".join(states),
             )
 
     def set_state(self, expected: str, new: str) -> None:
-        with self._state_lock:
-            self.require_state(expected)
-            self._state = new
+        """Move from ``expected`` to ``new`` (atomic: of two replicas racing, one wins)."""
+        self.require_state(expected)
+        if not self.store.swap_setting("state", expected, new):
+            self.require_state(expected)  # another replica changed it meanwhile: say to what
+            raise ApiError(412, f"precondition failed: the bridge is no longer {expected}")
 
     # -- authentication ----------------------------------------------------------
 
@@ -212,10 +220,16 @@ class Bridge:
 
         ok = self.passphrases.check(client, user_id, passphrase, stored, upgrade=upgrade)
         if not ok or user is None:
+            self.store.share_failed_login(client, user_id)  # the other replicas throttle too
             raise ApiError(
                 401, "invalid user or passphrase", {"WWW-Authenticate": 'Basic realm="NetHSM"'}
             )
         return _with_role(user, roles)
+
+    def failed_login(self, client: str, user: str) -> None:
+        """Throttle ``client`` and ``user`` for a second, on every replica."""
+        self.passphrases.record_failure(client, user)
+        self.store.share_failed_login(client, user)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -261,12 +275,15 @@ class Bridge:
     def create_key(self, rec: KeyRecord, make: Callable[[str], Key]) -> bool:
         """Create a key two-phase; False if its id is taken.
 
-        The ``pending`` record is committed first, so a crash during
-        ``make(backend_label)`` is undone on the next start (:meth:`reconcile`).
-        A backend label taken in the token (e.g. by a moved key) gets a suffix.
+        The ``pending`` record (owned by this replica) is committed first, so a
+        crash during ``make(backend_label)`` is undone by :meth:`reconcile` on
+        any replica once this one's lease runs out. A backend label taken in the
+        token (e.g. by a moved key) gets a suffix.
         """
-        if not self.store.register_key(rec):
+        registered = self.store.register_key(rec)
+        if registered is None:
             return False
+        rec = registered
         try:
             try:
                 key = make(rec.backend_label)
@@ -274,18 +291,25 @@ class Bridge:
                 rec = replace(rec, backend_label=f"{rec.id}.{rec.backend_id[:8]}")
                 key = make(rec.backend_label)
         except BaseException:
-            self.store.remove_key(rec.id)
+            self.store.remove_key(rec.id, rec.backend_id)
             raise
-        self.store.save_key(replace(rec, status="ready"))
+        if not self.store.finish_key(rec):
+            # this replica was taken for dead and its pending key cleaned up meanwhile
+            self.destroy_backend_key(rec.backend_id)
+            raise HSMUnavailable(
+                f"creating key {rec.id} took longer than the replica lease and was undone; "
+                "retry the request"
+            )
         with self._keys_lock:
             self._keys[rec.backend_id] = key
         return True
 
     def delete_key(self, rec: KeyRecord) -> None:
         """Delete a key two-phase: mark it ``deleting``, destroy it in the HSM, drop the record."""
-        self.store.save_key(replace(rec, status="deleting"))
+        if not self.store.mark_deleting(rec):
+            raise not_found(f"key {rec.id}")  # another request deleted or moved it meanwhile
         self.destroy_backend_key(rec.backend_id)
-        self.store.remove_key(rec.id)
+        self.store.remove_key(rec.id, rec.backend_id)
 
     def check_tags(self, user: UserRecord | None, rec: KeyRecord) -> None:
         """An operator may use a tagged key only if it shares one of its tags."""
@@ -312,15 +336,25 @@ class Bridge:
             self.hsm.get_key(key_id=backend_id).delete()
 
     def reconcile(self) -> None:
-        """Finish or undo key creations and deletions a crash interrupted."""
+        """Finish or undo key creations and deletions that a dead replica left unfinished.
+
+        Only rows whose owner stopped heartbeating: never a key another live
+        replica is creating or deleting.
+        """
         for rec in self.store.unfinished():
             try:
                 self.destroy_backend_key(rec.backend_id)
             except HSMError as exc:
                 log.warning("could not clean up key %s (%s): %s", rec.id, rec.status, exc.message)
                 continue
-            self.store.remove_key(rec.id)
+            self.store.remove_key(rec.id, rec.backend_id)
             log.info("removed key %s left %s by an interrupted request", rec.id, rec.status)
+
+    def maintain(self) -> None:
+        """Periodic upkeep: write operation counts, heartbeat, clean up after dead replicas."""
+        self.store.flush_operations()
+        self.store.heartbeat()
+        self.reconcile()
 
     # -- users -----------------------------------------------------------------------
 
@@ -329,10 +363,9 @@ class Bridge:
 
     def provision(self, admin: UserRecord, unlock_hash: str) -> None:
         """Store the first administrator and unlock passphrase; Unprovisioned -> Operational."""
-        with self._state_lock:
-            self.require_state(UNPROVISIONED)
-            self.store.provision(admin, unlock_hash)
-            self._state = OPERATIONAL
+        self.require_state(UNPROVISIONED)
+        if not self.store.provision(admin, unlock_hash, OPERATIONAL):
+            self.require_state(UNPROVISIONED)  # another replica provisioned first: 412
 
     def close(self) -> None:
         self.store.close()

@@ -187,10 +187,13 @@ def serve(
     *,
     threads: int = DEFAULT_THREADS,
     limits: Limits = DEFAULT,
+    database: str | None = None,
 ) -> None:
     """Serve the NetHSM API over the HSM at ``hsm_uri`` until SIGTERM/SIGINT.
 
     ``pin`` overrides the URI's PIN (else pin-source/pin-env/HSMBRIDGE_PIN).
+    ``database`` is a ``postgresql://`` URI shared by replicas (default: SQLite
+    in ``state_dir``); it is checked before the HSM is opened.
     """
 
     import hsmbridge
@@ -207,12 +210,16 @@ def serve(
         # (the pool opens them only as concurrency demands).
         options["max_sessions"] = threads
     try:
+        if database:
+            from .state_pg import check_conninfo
+
+            check_conninfo(database)
         hsm = hsmbridge.open(hsm_uri, **options)
     except BaseException:
         sock.close()
         raise
     try:
-        bridge = Bridge(hsm, state, cert, limits)
+        bridge = Bridge(hsm, state, cert, limits, database)
     except BaseException:
         sock.close()
         hsm.close()
@@ -220,7 +227,7 @@ def serve(
     try:
         print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
         print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
-        print(f"state: {bridge.state} (database {bridge.store.path})", flush=True)
+        print(f"state: {bridge.state} ({bridge.store.description})", flush=True)
         config = _uvicorn_config(build_app(bridge, threads), cert, key, limits)
         _graceful_server(config).run(sockets=[sock])
         print("hsmbridge serve: stopped", flush=True)
@@ -268,6 +275,7 @@ def start_in_thread(
     threads: int = DEFAULT_THREADS,
     limits: Limits = DEFAULT,
     startup_timeout: float = 30.0,
+    database: str | None = None,
 ) -> RunningServer:
     """Serve ``hsm`` from a background thread of this process (port 0: a free one).
 
@@ -280,7 +288,7 @@ def start_in_thread(
     state = _state_dir(state_dir)
     cert, key = _tls_files(state, tls_cert, tls_key, host)
     sock = _bind(host, port)
-    bridge = Bridge(hsm, state, cert, limits)
+    bridge = Bridge(hsm, state, cert, limits, database)
     bound_port = sock.getsockname()[1]
     config = _uvicorn_config(build_app(bridge, threads), cert, key, limits, graceful=1)
     server = uvicorn.Server(config)
