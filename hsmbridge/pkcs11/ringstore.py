@@ -83,6 +83,8 @@ HEAD_PREFIX = "hsmbridge-ring-head:"
 STALE_CLAIM = 300.0
 #: how often a rotation that collided with another one claims again
 CLAIM_ATTEMPTS = 20
+#: how long after claiming the claim is checked again for rivals (seconds)
+CLAIM_RECHECK_SECONDS = 0.05
 
 
 def _abandoned(claim: dict[str, Any]) -> bool:
@@ -344,25 +346,42 @@ class Pkcs11RingStore(RingStore):
                 ):
                     raise conflict
                 claim = self._write(session, label, key_id, value)
-                rivals = [d for d in self._data(session, label=label) if d.key_id != key_id]
-                live = False
-                for rival in rivals:
-                    if self._has_key(session, rival.key_id):
-                        claim.destroy()
-                        raise conflict
-                    if _abandoned(rival.value):
-                        with contextlib.suppress(p11x.PKCS11Error):
-                            rival.obj.destroy()
-                    else:
-                        live = True
-                if not live:
-                    return claim
+            # SoftHSM2 shows another process's new object only a moment after it
+            # is made (the twin check in backend.py found it too): look again after a pause.
+            live = False
+            for pause in (0.0, CLAIM_RECHECK_SECONDS):
+                time.sleep(pause)
+                with self.hsm.pool.admin() as session:
+                    live = self._live_rivals(session, label, key_id, claim, conflict)
+                if live:
+                    break
+            if not live:
+                return claim
+            with contextlib.suppress(p11x.PKCS11Error), self.hsm.pool.admin():
                 claim.destroy()
             time.sleep(random.uniform(0.01, 0.2))
         raise KeyExists(
             f"could not rotate ring {record.ring!r}: {CLAIM_ATTEMPTS} attempts collided with "
             "other processes rotating it; try again"
         )
+
+    def _live_rivals(
+        self, session: Any, label: str, key_id: bytes, claim: Any, conflict: KeyExists
+    ) -> bool:
+        """Whether other live claims on ``label`` exist; a committed one withdraws ours."""
+        live = False
+        for rival in self._data(session, label=label):
+            if rival.key_id == key_id:
+                continue
+            if self._has_key(session, rival.key_id):
+                claim.destroy()
+                raise conflict
+            if _abandoned(rival.value):
+                with contextlib.suppress(p11x.PKCS11Error):
+                    rival.obj.destroy()
+            else:
+                live = True
+        return live
 
     def version_key(self, record: VersionRecord) -> Key:
         try:
