@@ -182,12 +182,12 @@ _VERSION_RE = re.compile(r"(.+)@([1-9][0-9]*)")
 
 
 def _key_or_ring(hsm: HSM, name: str) -> Key | KeyRing:
-    """A key by label, ``NAME@VERSION`` of a ring, or a ring by name (its primary)."""
+    """A key by label or URI, ``NAME@VERSION`` of a ring, or a ring by name (its primary)."""
     match = _VERSION_RE.fullmatch(name)
-    if match and hsm.key_ring(match[1]).versions():
+    if match and RING_NAME_RE.fullmatch(match[1]) and hsm.key_ring(match[1]).versions():
         return hsm.key_ring(match[1]).version(int(match[2]))
     try:
-        return hsm.get_key(name)
+        return _key(hsm, name)
     except KeyNotFound:
         if RING_NAME_RE.fullmatch(name) and hsm.key_ring(name).versions():
             return hsm.key_ring(name)
