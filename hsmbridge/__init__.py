@@ -25,8 +25,10 @@ from .errors import (
     HSMUnavailable,
     InvalidInput,
     KeyExists,
+    KeyExpired,
     KeyNotExtractable,
     KeyNotFound,
+    KeyNotYetValid,
     MechanismNotSupported,
     ModuleLoadError,
     PermissionDenied,
@@ -34,6 +36,7 @@ from .errors import (
     TokenNotFound,
 )
 from .mechanisms import Mechanism
+from .rings import KeyRing, KeyVersion
 
 __version__ = "0.1.0"
 
@@ -47,7 +50,17 @@ def open(uri: str | None = None, **options: Any) -> HSM:
     ``max_sessions=`` (or ``x-max-sessions`` in the URI); for NetHSM ``password=``,
     ``verify=``, ``timeout=``. A PKCS#11 URI naming a key (``object=``, ``id=``)
     makes it ``hsm.key``.
+    Every backend takes ``clock=``: a callable returning the current time as an aware
+    ``datetime``, which key lifetimes and key rings use (tests move it instead of sleeping).
     """
+    clock = options.pop("clock", None)
+    hsm = _open(uri, **options)
+    if clock is not None:
+        hsm.clock = clock
+    return hsm
+
+
+def _open(uri: str | None, **options: Any) -> HSM:
     uri = uri or os.environ.get(HSM_ENV)
     if not uri:
         raise ConfigurationError(
@@ -90,10 +103,14 @@ __all__ = [
     "InvalidInput",
     "Key",
     "KeyExists",
+    "KeyExpired",
     "KeyInfo",
     "KeyNotExtractable",
     "KeyNotFound",
+    "KeyNotYetValid",
+    "KeyRing",
     "KeySpec",
+    "KeyVersion",
     "Mechanism",
     "MechanismNotSupported",
     "ModuleLoadError",

@@ -18,13 +18,23 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from . import curves, export
 from .batch import stream_batches
-from .errors import AmbiguousKey, BatchItemError, HSMError, InvalidInput, KeyNotFound
+from .errors import (
+    AmbiguousKey,
+    BatchItemError,
+    ConfigurationError,
+    HSMError,
+    InvalidInput,
+    KeyExpired,
+    KeyNotFound,
+    KeyNotYetValid,
+)
 from .mechanisms import (
     Mechanism,
     check_key_type,
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
     from .crypto_keys import HSMPrivateKey
+    from .rings import KeyRing, KeyVersion, RingStore
 
 #: the two things a key can be made for
 USAGES: frozenset[str] = frozenset({"sign", "decrypt"})
@@ -249,6 +260,54 @@ class KeyInfo:
         }
 
 
+#: the current time, timezone-aware; what ``hsmbridge.open(..., clock=)`` takes
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    """The real time, UTC."""
+    return datetime.now(UTC)
+
+
+def check_expires_in(expires_in: object) -> None:
+    """``expires_in`` of generate_key: None or a positive timedelta."""
+    if expires_in is not None and (
+        not isinstance(expires_in, timedelta) or expires_in <= timedelta(0)
+    ):
+        raise InvalidInput(
+            f"expires_in must be a positive datetime.timedelta, got {expires_in!r}; "
+            "e.g. expires_in=timedelta(minutes=15)"
+        )
+
+
+@dataclass(frozen=True)
+class Validity:
+    """When a key may be used (``[not_before, not_after)``), and how to name it when not.
+
+    Checked by :meth:`Key.sign`/:meth:`Key.decrypt` and the batch methods
+    before the HSM is asked, against the HSM handle's clock.
+    """
+
+    not_before: datetime | None
+    not_after: datetime | None
+    clock: Clock
+    #: ``key 't'`` or ``version 2 of ring 'payments'``, for messages
+    name: str
+
+    def check(self) -> None:
+        now = self.clock()
+        if self.not_after is not None and now >= self.not_after:
+            raise KeyExpired(
+                f"{self.name} expired at {self.not_after.isoformat()} (now "
+                f"{now.isoformat()}); use a newer key or ring version"
+            )
+        if self.not_before is not None and now < self.not_before:
+            raise KeyNotYetValid(
+                f"{self.name} is not valid before {self.not_before.isoformat()} (now "
+                f"{now.isoformat()}); use the ring's primary until then"
+            )
+
+
 def default_threads() -> int:
     """Default batch parallelism: one worker per core."""
     return max(1, os.cpu_count() or 1)
@@ -257,9 +316,16 @@ def default_threads() -> int:
 class Key(abc.ABC):
     """A key inside the HSM. Private material never leaves it."""
 
+    #: the key-ring version this key is (None for a plain key), and its ring
+    version: int | None = None
+    ring: str | None = None
+
     def __init__(self, info: KeyInfo) -> None:
         self.info = info
         self._der: bytes | None = None
+        self._validity: Validity | None = None
+        self._validity_loaded = False
+        self._kid: str | None = None
 
     # -- what a backend provides ------------------------------------------------
 
@@ -308,6 +374,39 @@ class Key(abc.ABC):
 
     def _default_threads(self) -> int:
         return default_threads()
+
+    def _load_validity(self) -> Validity | None:
+        """The key's stored lifetime (``generate_key(..., expires_in=)``), if any."""
+        return None
+
+    # -- lifetime ----------------------------------------------------------------
+
+    @property
+    def validity(self) -> Validity | None:
+        """When the key may be used; None when it never expires. Read once per object."""
+        if not self._validity_loaded:
+            self._validity = self._load_validity()
+            self._validity_loaded = True
+        return self._validity
+
+    @validity.setter
+    def validity(self, value: Validity | None) -> None:
+        self._validity, self._validity_loaded = value, True
+
+    @property
+    def not_before(self) -> datetime | None:
+        return self.validity.not_before if self.validity is not None else None
+
+    @property
+    def not_after(self) -> datetime | None:
+        return self.validity.not_after if self.validity is not None else None
+
+    @property
+    def kid(self) -> str:
+        """The JWK ``kid``: the RFC 7638 thumbprint (computed once per object)."""
+        if self._kid is None:
+            self._kid = self.jwk_thumbprint()
+        return self._kid
 
     # -- identity ----------------------------------------------------------------
 
@@ -468,6 +567,9 @@ class Key(abc.ABC):
     def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
         mech = parse_mechanism(mechanism, sign=sign)
         check_key_type(mech, self.key_type, self.label)
+        validity = self.validity
+        if validity is not None:
+            validity.check()
         return mech
 
     def _check_decrypt(self, mechanism: str | Mechanism, allow_pkcs1v15: bool) -> Mechanism:
@@ -699,6 +801,8 @@ class HSM(abc.ABC):
 
     #: short human description used in messages, e.g. ``token 'ci'``.
     description: str = "HSM"
+    #: the time key lifetimes and key rings are checked against (``open(..., clock=)``)
+    clock: Clock = staticmethod(system_clock)
 
     @abc.abstractmethod
     def generate_key(
@@ -708,8 +812,13 @@ class HSM(abc.ABC):
         *,
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
+        expires_in: timedelta | None = None,
     ) -> Key:
-        """Generate a key pair inside the HSM: private half non-extractable."""
+        """Generate a key pair inside the HSM: private half non-extractable.
+
+        With ``expires_in`` the key's end of life is stored in the HSM with it:
+        using it later raises :class:`KeyExpired`, and :meth:`sweep` destroys it.
+        """
 
     @abc.abstractmethod
     def import_key(
@@ -776,6 +885,30 @@ class HSM(abc.ABC):
     def info(self) -> dict[str, Any]:
         """What hsmbridge knows about this HSM, for ``hsmbridge info`` (plain values)."""
         return {"hsm": self.description}
+
+    # -- key lifecycle (hsmbridge.rings) ------------------------------------------------
+
+    def ring_store(self) -> RingStore:
+        """Where this backend keeps key-ring versions and key lifetimes."""
+        raise ConfigurationError(f"{self.description} cannot keep key rings")
+
+    def key_ring(self, name: str) -> KeyRing:
+        """The versioned key ``name`` (created by its first ``rotate``)."""
+        from .rings import KeyRing
+
+        return KeyRing(self, name)
+
+    def key_rings(self) -> list[KeyRing]:
+        """Every key ring in the HSM, by name."""
+        from .rings import KeyRing
+
+        return [KeyRing(self, name) for name in self.ring_store().ring_names()]
+
+    def sweep(self, *, dry_run: bool = False) -> list[KeyVersion]:
+        """Destroy every expired ring version and expired plain key; returns them."""
+        from .rings import sweep
+
+        return sweep(self, dry_run=dry_run)
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release sessions or connections. Idempotent."""

@@ -18,11 +18,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import IO, Any, NoReturn
 
-from . import HSM_ENV, HSMError
+from . import HSM_ENV, HSMError, KeyExists, KeyNotFound
 from . import open as open_hsm
 from .api import HSM, Key, parse_key_spec
+from .rings import RING_NAME_RE, KeyRing, KeyVersion
 
 #: environment variable naming the PostgreSQL database replicas share (hsmbridge serve)
 DATABASE_ENV = "HSMBRIDGE_DATABASE"
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add_command in (
         _add_keygen, _add_list, _add_info, _add_pubkey, _add_sign_decrypt, _add_delete, _add_csr,
-        _add_cert, _add_demo, _add_bench, _add_serve, _add_completion,
+        _add_cert, _add_demo, _add_bench, _add_serve, _add_completion, _add_ring_commands,
     ):  # fmt: skip
         add_command(add, common)
     return parser
@@ -97,6 +99,106 @@ Adder = Callable[[str, str], argparse.ArgumentParser]
 
 
 # -- output helpers ------------------------------------------------------------------
+
+
+# -- key rings -------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``5m``, ``24h``, ``7d``, ``1h30m``, or ``0``."""
+    text = text.strip().lower()
+    parts = _DURATION_RE.findall(text)
+    if text != "0" and "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use e.g. 30s, 5m, 24h, 7d or 1h30m"
+        )
+    return sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta(0))
+
+
+def _add_ring_commands(add: Adder, common: _Parser) -> None:
+    p = add("ring", "key rings: versioned keys (see rotate, versions, jwks)")
+    ring_sub = p.add_subparsers(dest="ring_command", required=True, parser_class=_Parser)
+    p = ring_sub.add_parser("create", help="create a ring: its first version is primary")
+    p.add_argument("name")
+    p.add_argument("--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|...")
+    p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")
+    p.set_defaults(run=_with_hsm(_run_ring_command), command="ring")
+
+    p = add("rotate", "add a ring version; older ones work for --grace more")
+    p.add_argument("name")
+    p.add_argument("--grace", type=parse_duration, default=timedelta(0), help="e.g. 24h")
+    p.add_argument("--activate-in", type=parse_duration, default=timedelta(0), help="e.g. 5m")
+    p.set_defaults(run=_with_hsm(_run_ring_command))
+
+    p = add("versions", "a ring's versions and their states")
+    p.add_argument("name")
+    p.set_defaults(run=_with_hsm(_run_ring_command))
+
+    p = add("jwks", "a ring's JWK Set (pending, primary and grace versions)")
+    p.add_argument("name")
+    p.set_defaults(run=_with_hsm(_run_ring_command))
+
+    p = add("sweep", "destroy expired ring versions and keys (cron-friendly)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be destroyed")
+    p.set_defaults(run=_with_hsm(_run_ring_command))
+
+
+def _describe_version(v: KeyVersion) -> str:
+    name = f"{v.ring}@{v.version}" if v.ring else f"key {v.label!r}"
+    after = v.not_after.isoformat() if v.not_after else "-"
+    return f"{name} kid {v.kid} id {v.key_id} {v.state} not_after {after}"
+
+
+def _run_ring_command(hsm: HSM, args: argparse.Namespace) -> None:
+    cmd = args.command
+    if cmd == "ring":  # the only ring subcommand: create
+        ring = hsm.key_ring(args.name)
+        if ring.versions():
+            raise KeyExists(f"key ring {args.name!r} exists already; rotate it instead")
+        usage = {u.strip() for u in args.usage.split(",") if u.strip()}
+        version = ring.rotate(parse_key_spec(args.type), usage=usage)
+        print(f"created ring {args.name!r}: {_describe_version(version)}")
+    elif cmd == "rotate":
+        version = hsm.key_ring(args.name).rotate(grace=args.grace, activate_in=args.activate_in)
+        print(f"rotated: {_describe_version(version)}")
+    elif cmd == "versions":
+        versions = hsm.key_ring(args.name).versions()
+        if args.json:
+            print(json.dumps([v.to_dict() for v in versions], indent=2))
+        else:
+            for v in versions:
+                print(_describe_version(v))
+    elif cmd == "jwks":
+        print(json.dumps(hsm.key_ring(args.name).jwks(), indent=2))
+    else:
+        verb = "would destroy" if args.dry_run else "destroyed"
+        for v in hsm.sweep(dry_run=args.dry_run):
+            line = json.dumps(v.to_dict()) if args.json else f"{verb} {_describe_version(v)}"
+            print(line, flush=True)
+
+
+_VERSION_RE = re.compile(r"(.+)@([1-9][0-9]*)")
+
+
+def _key_or_ring(hsm: HSM, name: str) -> Key | KeyRing:
+    """A key by label or URI, ``NAME@VERSION`` of a ring, or a ring by name (its primary)."""
+    match = _VERSION_RE.fullmatch(name)
+    if match and RING_NAME_RE.fullmatch(match[1]) and hsm.key_ring(match[1]).versions():
+        return hsm.key_ring(match[1]).version(int(match[2]))
+    try:
+        return _key(hsm, name)
+    except KeyNotFound:
+        if RING_NAME_RE.fullmatch(name) and hsm.key_ring(name).versions():
+            return hsm.key_ring(name)
+        raise
+
+
+def _key_of(hsm: HSM, name: str) -> Key:
+    found = _key_or_ring(hsm, name)
+    return found.primary if isinstance(found, KeyRing) else found
 
 
 def _read_input(path: str | None) -> bytes:
@@ -214,7 +316,7 @@ def _add_pubkey(add: Adder, common: _Parser) -> None:
 
 
 def cmd_pubkey(hsm: HSM, args: argparse.Namespace) -> None:
-    key = _key(hsm, args.label)
+    key = _key_of(hsm, args.label)
     data: bytes
     if args.format == "pem":
         data = key.public_key_pem().encode()
@@ -242,7 +344,7 @@ def _add_sign_decrypt(add: Adder, common: _Parser) -> None:
 
 
 def cmd_sign(hsm: HSM, args: argparse.Namespace) -> None:
-    key = _key(hsm, args.label)
+    key = _key_of(hsm, args.label)
     sig = key.sign(
         _read_input(args.infile),
         args.mechanism,
@@ -253,8 +355,8 @@ def cmd_sign(hsm: HSM, args: argparse.Namespace) -> None:
 
 
 def cmd_decrypt(hsm: HSM, args: argparse.Namespace) -> None:
-    key = _key(hsm, args.label)
-    _write_output(key.decrypt(_read_input(args.infile), args.mechanism), args.out)
+    source = _key_or_ring(hsm, args.label)  # a ring tries primary, then grace (OAEP)
+    _write_output(source.decrypt(_read_input(args.infile), args.mechanism), args.out)
 
 
 def _add_delete(add: Adder, common: _Parser) -> None:

@@ -64,6 +64,14 @@ class KeyNotExtractable(HSMError):
     """The private key cannot leave the HSM (private numbers, private bytes, key exchange)."""
 
 
+class KeyExpired(HSMError):
+    """The key (or key-ring version) is past its ``not_after``: rotate, or use a newer version."""
+
+
+class KeyNotYetValid(HSMError):
+    """The key (or a pending key-ring version) is used before its ``not_before``."""
+
+
 class MechanismNotSupported(HSMError):
     """The HSM or the key cannot do this mechanism (the message lists what it can)."""
 
@@ -99,8 +107,10 @@ __all__ = [
     "HSMUnavailable",
     "InvalidInput",
     "KeyExists",
+    "KeyExpired",
     "KeyNotExtractable",
     "KeyNotFound",
+    "KeyNotYetValid",
     "MechanismNotSupported",
     "ModuleLoadError",
     "PermissionDenied",

@@ -10,7 +10,7 @@ extras=""
 
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
-packages="softhsm2 opensc openssl gcc python3-venv python3-dev"
+packages="softhsm2 opensc pkcs11-dump openssl gcc python3-venv python3-dev"
 # --test: the other PKCS#11 modules the conformance suite runs on
 # (scripts/conformance.sh), p11-kit, and OpenSSL's pkcs11 engine for the interop tests.
 [ "${1:-}" = "--test" ] && packages="$packages opencryptoki swtpm swtpm-tools tpm2-tools \

@@ -13,9 +13,22 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..api import EC, HSM, Key, KeyInfo, KeySpec, Op, Result, check_lookup, check_new_key
+from ..api import (
+    EC,
+    HSM,
+    Key,
+    KeyInfo,
+    KeySpec,
+    Op,
+    Result,
+    Validity,
+    check_expires_in,
+    check_lookup,
+    check_new_key,
+)
 from ..batch import Operation, run_batch
 from ..errors import (
     AmbiguousKey,
@@ -27,6 +40,7 @@ from ..errors import (
     MechanismNotSupported,
 )
 from ..mechanisms import Mechanism, ecdsa_der_to_raw
+from ..rings import expiry_of
 from ..uri import Secret, parse_nethsm_uri
 from . import vocabulary
 from .client import (
@@ -39,6 +53,7 @@ from .client import (
     TLSConfig,
 )
 from .errors import ADMINISTRATOR, ANY_USER, OPERATOR, Answer, Call
+from .ringstore import NetHSMRingStore
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -113,6 +128,7 @@ class NetHSM(HSM):
         )
         self.description = f"NetHSM {self.client.describe()} as {user!r}"
         self._labels_supported = True
+        self.rings = NetHSMRingStore(self)
         #: mechanisms the NetHSM answered "not supported" for (left out of suggestions)
         self._refused: set[Mechanism] = set()
 
@@ -178,7 +194,11 @@ class NetHSM(HSM):
         *,
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
+        expires_in: timedelta | None = None,
     ) -> NetHSMKey:
+        """See :meth:`HSM.generate_key`; ``expires_in`` is stored as a certificate
+        (:mod:`.ringstore`), which needs an Administrator too."""
+        check_expires_in(expires_in)
         uses, kid, mechanisms = self._prepare(spec, label, usage, key_id)
         body: dict[str, Any] = {"mechanisms": mechanisms, **vocabulary.key_type_body(spec)}
         if kid is not None:
@@ -190,7 +210,10 @@ class NetHSM(HSM):
             return _new_id(self.client.post_json("/keys/generate", call, cred, body))
 
         new_id = self._send_labelled(label, kid, body, send)
-        return NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
+        key = NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
+        if expires_in is not None:
+            self.rings.write_expiry(key, expiry_of(self, expires_in))
+        return key
 
     def import_key(
         self,
@@ -325,6 +348,9 @@ class NetHSM(HSM):
             if info is not None:
                 infos.append(info)
         return sorted(infos, key=lambda i: (i.label, i.id))
+
+    def ring_store(self) -> NetHSMRingStore:
+        return self.rings
 
     def health(self) -> str:
         """The NetHSM's state (``Operational``, ``Locked``, ...) from ``/health/state``."""
@@ -524,6 +550,9 @@ class NetHSMKey(Key):
             return out
 
         yield operate
+
+    def _load_validity(self) -> Validity | None:
+        return self.hsm.rings.validity_of(self)
 
     def _default_threads(self) -> int:
         client = self.hsm.client

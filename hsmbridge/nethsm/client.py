@@ -290,10 +290,12 @@ class Client:
         params: Mapping[str, str] | None = None,
         accept: str = "application/json",
         octets: bytes | None = None,
+        content: tuple[str, bytes] | None = None,
     ) -> Answer:
         """Send one request, retrying and failing over per the policy; map errors.
 
-        ``body`` goes as JSON, ``octets`` as ``application/octet-stream``.
+        ``body`` goes as JSON, ``octets`` as ``application/octet-stream``, ``content``
+        as a (media type, bytes) pair.
         """
         if self.closed:
             raise HSMUnavailable(
@@ -311,6 +313,8 @@ class Client:
         elif octets is not None:
             data = octets
             headers["Content-Type"] = "application/octet-stream"
+        elif content is not None:
+            headers["Content-Type"], data = content
         if params:
             path = f"{path}?{urlencode(params)}"
         # Safe calls: retries + 1 attempts. Unsafe: each instance at most once, and

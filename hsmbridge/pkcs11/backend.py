@@ -12,11 +12,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pkcs11 import Attribute
 
-from ..api import HSM, RSA, Ed25519, Key, KeyInfo, KeySpec, check_lookup, check_new_key
+from ..api import (
+    HSM,
+    RSA,
+    Ed25519,
+    Key,
+    KeyInfo,
+    KeySpec,
+    check_expires_in,
+    check_lookup,
+    check_new_key,
+)
 from ..errors import (
     ConfigurationError,
     HSMError,
@@ -25,6 +36,7 @@ from ..errors import (
     KeyNotFound,
 )
 from ..mechanisms import Mechanism
+from ..rings import expiry_of, expiry_validity
 from ..uri import Pkcs11URI, parse_pkcs11_uri
 from . import certs, ec, lookup, rsa
 from .capabilities import Capabilities, ckm_of
@@ -33,6 +45,7 @@ from .key import Pkcs11Key
 from .module import load_module, load_native
 from .pool import SessionPool
 from .profile import build_profile
+from .ringstore import Pkcs11RingStore, day_of
 from .slots import select_token
 from .templates import Template, generate_with_templates
 
@@ -90,6 +103,7 @@ class Pkcs11HSM(HSM):
             except HSMError:
                 self.close()
                 raise
+        self.rings = Pkcs11RingStore(self)
 
     # -- key management ---------------------------------------------------------
 
@@ -100,14 +114,37 @@ class Pkcs11HSM(HSM):
         *,
         usage: Iterable[str] | str | None = None,
         key_id: str | None = None,
+        expires_in: timedelta | None = None,
     ) -> Pkcs11Key:
+        check_expires_in(expires_in)
+        not_after = expiry_of(self, expires_in) if expires_in is not None else None
+        return self.generate_dated(spec, label, usage=usage, key_id=key_id, not_after=not_after)
+
+    def generate_dated(
+        self,
+        spec: KeySpec,
+        label: str,
+        *,
+        usage: Iterable[str] | str | None = None,
+        key_id: str | None = None,
+        not_after: datetime | None = None,
+        start: datetime | None = None,
+    ) -> Pkcs11Key:
+        """:meth:`generate_key` with its dates set at creation: CKA_START_DATE from
+        ``start``, CKA_END_DATE and a lifetime record from ``not_after``. Dates are
+        never changed afterwards (docs/design.md, "Key rings")."""
         uses = check_new_key(spec, label, usage)
         gen = rsa.generate if isinstance(spec, RSA) else ec.generate
 
         def create(session: Any, public_t: Template, private_t: Template) -> Any:
+            if start is not None:
+                for template in (public_t, private_t):
+                    template[Attribute.START_DATE] = day_of(start)
             return gen(session, spec, public_t, private_t)[1]  # type: ignore[arg-type]
 
-        return self._create(spec, label, uses, key_id, create, f"generating a {spec} key")
+        return self._create(
+            spec, label, uses, key_id, create, f"generating a {spec} key", not_after
+        )
 
     def import_key(
         self,
@@ -160,8 +197,13 @@ class Pkcs11HSM(HSM):
         key_id: str | None,
         create: Callable[[Any, Template, Template], Any],
         what: str,
+        not_after: datetime | None = None,
     ) -> Pkcs11Key:
-        """Check label and id are free, then ``create(session, public_t, private_t)``."""
+        """Check label and id are free, then ``create(session, public_t, private_t)``.
+
+        With ``not_after``, the key's lifetime record is written first (see
+        :mod:`.ringstore`): a key never exists without it.
+        """
         try:
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
@@ -177,9 +219,19 @@ class Pkcs11HSM(HSM):
                     f"a key with id {raw_id.hex()!r} already exists in {self.description}; "
                     "choose another key_id or leave it out"
                 )
+            lifetime = None
+            if not_after is not None:  # the record first: a key never exists without it
+                lifetime = self.rings.expiry_templates(session, raw_id, not_after, ())
+
+            def dated(public_t: Template, private_t: Template) -> Any:
+                if not_after is not None:
+                    for template in (public_t, private_t):
+                        template[Attribute.END_DATE] = day_of(not_after)
+                return create(session, public_t, private_t)
+
             try:
                 priv = generate_with_templates(
-                    lambda public_t, private_t: create(session, public_t, private_t),
+                    dated,
                     raw_id,
                     label,
                     usage,
@@ -187,9 +239,16 @@ class Pkcs11HSM(HSM):
                     self.profile.templates,
                     what=what,
                 )
+            except Exception:
+                if lifetime is not None:
+                    with contextlib.suppress(Exception):
+                        lifetime.destroy()
+                raise
             finally:
                 self.keys.forget(label, raw_id)
             key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
+            if not_after is not None:
+                key.validity = expiry_validity(self, label, not_after)
         # The checks above and the creation are not one atomic step: another
         # process may have created the same label or id meanwhile. Whoever sees
         # a twin after creating withdraws, so two never both succeed (both may
@@ -326,6 +385,9 @@ class Pkcs11HSM(HSM):
             **self.profile.describe(),
             "mechanisms": [m.value for m in self.supported_mechanisms()],
         }
+
+    def ring_store(self) -> Pkcs11RingStore:
+        return self.rings
 
     def supported_mechanisms(self) -> list[Mechanism]:
         """hsmbridge mechanisms the token offers (see :class:`Capabilities`)."""

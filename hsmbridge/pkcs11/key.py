@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
-from ..api import RSA, Key, KeyInfo, Op, Result, default_threads
+from ..api import RSA, Key, KeyInfo, Op, Result, Validity, default_threads
 from ..batch import Operation, run_batch
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
@@ -294,6 +294,9 @@ class Pkcs11Key(Key):
 
     def _default_threads(self) -> int:
         return min(self.hsm.pool.max_workers, default_threads())
+
+    def _load_validity(self) -> Validity | None:
+        return self.hsm.rings.validity_of(self)
 
     def _delete(self) -> None:
         self.hsm.keys.forget_handle(self.handle)
