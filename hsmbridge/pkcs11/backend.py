@@ -260,9 +260,7 @@ class Pkcs11HSM(HSM):
         for pause in (0.0, TWIN_RECHECK_SECONDS):
             time.sleep(pause)
             with self.pool.admin() as session:
-                twins = len(self._find(session, {Attribute.LABEL: label})) > 1 or (
-                    len(self._find(session, {Attribute.ID: raw_id})) > 1
-                )
+                twins = self._has_twin(session, label, raw_id)
             if twins:
                 break
         if twins:
@@ -273,6 +271,21 @@ class Pkcs11HSM(HSM):
                 "withdrawn. Try again, or choose another label"
             )
         return key
+
+    def _has_twin(self, session: Any, label: str, raw_id: bytes) -> bool:
+        """Whether another key shares ``label`` or ``raw_id`` with the one just made.
+
+        Compared by (label, id), not by count: SoftHSM2 can return one object
+        under two handles while another process changes the token (seen in
+        benchmarks/soak.py). Two processes given the same explicit key_id and
+        label are therefore not told apart; random ids always are.
+        """
+        mine = (label, raw_id)
+        for template in ({Attribute.LABEL: label}, {Attribute.ID: raw_id}):
+            for key in lookup.private_keys(session, template):
+                if (key.label, key.id) != mine:
+                    return True
+        return False
 
     def get_key(
         self, label: str | None = None, *, key_id: str | None = None, uri: str | None = None

@@ -107,6 +107,10 @@ class PrivateKey:
         return self.attrs.get(Attribute.KEY_TYPE)
 
 
+#: searches broken by a concurrent deletion are started again this many times in all
+SEARCH_ATTEMPTS = 5
+
+
 def private_keys(
     session: Any, template: Mapping[Attribute, Any], fields: Sequence[Attribute] = PRIVATE_FIELDS
 ) -> Generator[PrivateKey, None, None]:
@@ -116,17 +120,30 @@ def private_keys(
     Close the iterator if you stop early: the search stays open until then.
     """
     query = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.TOKEN: True, **template}
-    try:
-        with contextlib.closing(session.get_objects(query, batch_size=SEARCH_BATCH)) as found:
-            for obj in found:
-                try:
-                    attrs = read(obj, fields)
-                except p11x.ObjectHandleInvalid:  # deleted by another process meanwhile
-                    continue
-                if attrs.get(Attribute.KEY_TYPE) in USABLE_TYPES:
-                    yield PrivateKey(obj, attrs)
-    except p11x.PKCS11Error as exc:
-        raise translate(exc, what="searching keys") from None
+    seen: set[int] = set()  # handles already yielded, if the search has to start again
+    for attempt in range(SEARCH_ATTEMPTS):
+        try:
+            with contextlib.closing(session.get_objects(query, batch_size=SEARCH_BATCH)) as found:
+                for obj in found:
+                    handle = int(obj.handle)
+                    if handle in seen:
+                        continue
+                    seen.add(handle)
+                    try:
+                        attrs = read(obj, fields)
+                    except p11x.ObjectHandleInvalid:  # deleted by another process meanwhile
+                        continue
+                    if attrs.get(Attribute.KEY_TYPE) in USABLE_TYPES:
+                        yield PrivateKey(obj, attrs)
+            return
+        except (p11x.ObjectHandleInvalid, p11x.KeyHandleInvalid) as exc:
+            # python-pkcs11 reads each found object's class inside the search; an
+            # object another process deleted just then breaks the search itself
+            # (seen in benchmarks/soak.py with forked workers): search again.
+            if attempt == SEARCH_ATTEMPTS - 1:
+                raise translate(exc, what="searching keys") from None
+        except p11x.PKCS11Error as exc:
+            raise translate(exc, what="searching keys") from None
 
 
 def pick_public(candidates: Sequence[tuple[T, Any]], label: str) -> T | None:
