@@ -47,7 +47,9 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_process(hsm: hsmbridge.HSM, seconds: float, n_threads: int, role: str) -> dict[str, Any]:
+def run_process(
+    hsm: hsmbridge.HSM, seconds: float, n_threads: int, role: str, churn: bool = True
+) -> dict[str, Any]:
     tag = f"{role}-{uuid.uuid4().hex[:6]}"
     rsa_key = hsm.generate_key(RSA(2048), f"soak-rsa-{tag}", usage={"sign", "decrypt"})
     ec_key = hsm.generate_key(EC("P-256"), f"soak-ec-{tag}")
@@ -83,7 +85,7 @@ def run_process(hsm: hsmbridge.HSM, seconds: float, n_threads: int, role: str) -
             for m, s in zip(msgs, ec_key.sign_batch(msgs, "ecdsa-sha256", threads=2), strict=True):
                 ec_pub.verify(s, m, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr,call-arg]
             count("batch32")
-        elif pick < 0.97:
+        elif pick < 0.97 or not churn:
             hsm.list_keys()
             count("list")
         else:
@@ -143,6 +145,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--save", action="store_true", help=f"write {RESULTS}")
+    ap.add_argument(
+        "--no-churn", action="store_true", help="no generate/delete (to tell token growth apart)"
+    )
     args = ap.parse_args()
     [token] = make_tokens(Path(tempfile.mkdtemp(prefix="hsmbridge-soak-")), ["soak"])
     os.environ.update(token.env())
@@ -154,12 +159,12 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:  # a preloaded worker: the parent's handle, re-initialised after fork
             os.close(read_fd)
-            report = run_process(hsm, seconds, args.threads, f"worker{i}")
+            report = run_process(hsm, seconds, args.threads, f"worker{i}", not args.no_churn)
             os.write(write_fd, json.dumps(report).encode())
             os._exit(0)
         os.close(write_fd)
         pipes.append((pid, read_fd))
-    reports = [run_process(hsm, seconds, args.threads, "parent")]
+    reports = [run_process(hsm, seconds, args.threads, "parent", not args.no_churn)]
     for pid, read_fd in pipes:
         with os.fdopen(read_fd, "rb") as f:
             data = f.read()
