@@ -18,6 +18,8 @@ packages="softhsm2 opensc pkcs11-dump openssl gcc python3-venv python3-dev"
     p11-kit p11-kit-modules libnss3 libnss3-tools libengine-pkcs11-openssl util-linux"
 # the replica tests run a real PostgreSQL and HAProxy (tests/replica_fixtures.py)
 [ "${1:-}" = "--test" ] && packages="$packages postgresql haproxy"
+# zsh: the completion test loads the zsh script (it skips without zsh)
+[ "${1:-}" = "--test" ] && packages="$packages zsh"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -356,7 +356,7 @@ class Pkcs11HSM(HSM):
         return found
 
     def _find(self, session: Any, template: dict[Attribute, Any]) -> list[Any]:
-        # CKA_TOKEN: never return the session-object copies made for batches.
+        # lookup.private_keys asks for CKA_TOKEN true: session objects never match.
         return [key.obj for key in lookup.private_keys(session, template)]
 
     def _infos(self, session: Any) -> list[KeyInfo]:
