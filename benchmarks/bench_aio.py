@@ -11,6 +11,8 @@ same ``COUNT`` messages are signed by each contender, alternating over
 - ``aio-1000``: ``CONCURRENCY`` (1,000) tasks, each awaiting
   ``akey.sign(message)`` one message after another, while a probe task
   sleeps 1 ms in a loop and records how late it wakes (the loop lag);
+- ``aio-1000-nice0``: the same with ``worker_nice=0`` (the pool threads at the
+  event loop's CPU priority), the effect of the default ``worker_nice``;
 - ``to-thread-1000``: the same tasks calling ``await asyncio.to_thread(key.sign, m)``,
   what one would write without hsmbridge.aio (its lag is recorded too).
 
@@ -40,6 +42,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+import hsmbridge  # noqa: E402
+import hsmbridge.aio  # noqa: E402
 
 COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_COUNT", "10000"))
 RSA_COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_RSA_COUNT", str(max(1000, COUNT // 10))))
@@ -118,6 +123,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
         "idle-loop": [],
         "sync-batch": [],
         "aio-1000": [],
+        "aio-1000-nice0": [],
         "to-thread-1000": [],
     }
 
@@ -137,11 +143,14 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
         lags["sync-batch"] += probe.overshoots
         return out
 
-    def aio() -> list[bytes]:
-        probe = Probe()
-        out = asyncio.run(_aio_round(hsm, key, messages, mechanism, probe))
-        lags["aio-1000"] += probe.overshoots
-        return out
+    def aio(name: str, worker_nice: int) -> Callable[[], list[bytes]]:
+        def run() -> list[bytes]:
+            probe = Probe()
+            out = asyncio.run(_aio_round(hsm, key, messages, mechanism, probe, worker_nice))
+            lags[name] += probe.overshoots
+            return out
+
+        return run
 
     def to_thread() -> list[bytes]:
         probe = Probe()
@@ -153,7 +162,12 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
         lags["to-thread-1000"] += probe.overshoots
         return out
 
-    contenders = {"sync-batch": sync_batch, "aio-1000": aio, "to-thread-1000": to_thread}
+    contenders = {
+        "sync-batch": sync_batch,
+        "aio-1000": aio("aio-1000", hsmbridge.aio.WORKER_NICE),
+        "aio-1000-nice0": aio("aio-1000-nice0", 0),
+        "to-thread-1000": to_thread,
+    }
     for _ in range(ROUNDS):
         lags["idle-loop"] += _idle_lag(0.3)
         for name, run in contenders.items():
@@ -172,7 +186,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
             "p99": round(_pct(ms, 0.99), 3),
             "max": round(max(ms), 3),
         }
-    for name in ("aio-1000", "to-thread-1000"):
+    for name in ("aio-1000", "aio-1000-nice0", "to-thread-1000"):
         pairs = zip(rows[name], rows["sync-batch"], strict=True)
         summary[f"{name}_over_sync_batch"] = round(
             statistics.median(a["ops_per_s"] / s["ops_per_s"] for a, s in pairs), 3
@@ -181,12 +195,10 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
 
 
 async def _aio_round(
-    hsm: Any, key: Any, messages: list[bytes], mechanism: str, probe: Probe
+    hsm: Any, key: Any, messages: list[bytes], mechanism: str, probe: Probe, worker_nice: int
 ) -> list[bytes]:
     """One aio round on this round's loop, over the same open handle and key."""
-    import hsmbridge.aio
-
-    view = hsmbridge.aio.AsyncHSM.wrap(hsm)
+    view = hsmbridge.aio.AsyncHSM.wrap(hsm, worker_nice=worker_nice)
     async_key = await view.get_key(key_id=key.id)
     try:
         return await _concurrent(messages, lambda m: async_key.sign(m, mechanism), probe)
@@ -195,7 +207,6 @@ async def _aio_round(
 
 
 def main() -> int:
-    import hsmbridge
     from hsmbridge.bench import machine
     from hsmbridge.softhsm import make_tokens
 

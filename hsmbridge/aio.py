@@ -37,6 +37,10 @@ import contextvars
 import copy
 import functools
 import hashlib
+import logging
+import os
+import sys
+import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 _T = TypeVar("_T")
+log = logging.getLogger("hsmbridge.aio")
 
 #: engine batches one key and mechanism may have running at once
 IN_FLIGHT = 2
@@ -58,36 +63,80 @@ MAX_BATCH = 512
 WAKE_SLICE = 32
 #: messages up to this size are hashed on the event loop; larger ones in the pool
 HASH_ON_LOOP = 16 * 1024
+#: how much lower than the event loop's the pool threads' CPU priority is (nice)
+WORKER_NICE = 10
 
 
-def open(uri: str | None = None, *, workers: int = 4, **options: Any) -> AsyncHSM:
+def open(
+    uri: str | None = None,
+    *,
+    workers: int = 4,
+    worker_nice: int = WORKER_NICE,
+    **options: Any,
+) -> AsyncHSM:
     """An :class:`AsyncHSM` for ``uri``; use it as ``async with hsmbridge.aio.open(uri) as hsm``.
 
     Options are :func:`hsmbridge.open`'s. ``workers`` bounds the threads that
-    run blocking calls (batches, key management) for this handle.
+    run blocking calls (batches, key management) for this handle;
+    ``worker_nice`` is how much lower than the event loop's their CPU
+    priority is (Linux; 0 keeps it equal): see :func:`_lower_priority`.
     """
-    return AsyncHSM(uri, workers=workers, **options)
+    return AsyncHSM(uri, workers=workers, worker_nice=worker_nice, **options)
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling pool thread's CPU priority by ``nice`` (a thread initializer).
+
+    A software token (SoftHSM2) does its cryptography on the host's cores in
+    the threads that call it: a batch keeps every core busy, and the event
+    loop thread waking for a timer or a socket then waits for the kernel to
+    preempt one of them (docs/design.md, "asyncio and the event loop").
+    Threads a pool thread starts inherit its priority, so the native engine's
+    workers run at the lower priority too. On Linux a thread's nice value is
+    its own; elsewhere it is the process's, so nothing is changed there.
+    """
+    if nice and sys.platform == "linux":
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError as exc:  # a sandbox that forbids it: run at the loop's priority
+            log.debug("could not lower the priority of an hsmbridge.aio thread: %s", exc)
 
 
 class AsyncHSM:
     """An HSM handle whose calls are awaitable. Opens on ``async with`` (or :meth:`open`)."""
 
-    def __init__(self, uri: str | None, *, workers: int = 4, **options: Any) -> None:
+    def __init__(
+        self,
+        uri: str | None,
+        *,
+        workers: int = 4,
+        worker_nice: int = WORKER_NICE,
+        **options: Any,
+    ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise InvalidInput(f"workers must be a whole number, at least 1, got {workers!r}")
+        if type(worker_nice) is not int or not 0 <= worker_nice <= 19:
+            raise InvalidInput(
+                f"worker_nice must be a whole number 0-19 (0: the event loop's priority), "
+                f"got {worker_nice!r}"
+            )
         self._uri = uri
         self._options = options
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="hsmbridge-aio"
+            max_workers=workers,
+            thread_name_prefix="hsmbridge-aio",
+            initializer=_lower_priority,
+            initargs=(worker_nice,),
         )
         self._hsm: HSM | None = None
         self._owned = True
 
     @classmethod
-    def wrap(cls, hsm: HSM, *, workers: int = 4) -> AsyncHSM:
+    def wrap(cls, hsm: HSM, *, workers: int = 4, worker_nice: int = WORKER_NICE) -> AsyncHSM:
         """An awaitable view of a handle that is already open; closing the view leaves
         ``hsm`` open (its owner closes it)."""
-        handle = cls(None, workers=workers)
+        handle = cls(None, workers=workers, worker_nice=worker_nice)
         handle._hsm = hsm
         handle._owned = False
         return handle

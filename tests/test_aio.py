@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -256,6 +258,9 @@ def _pool_intact_eventually(hsm: Pkcs11HSM) -> None:
 def test_errors_for_bad_options() -> None:
     with pytest.raises(hsmbridge.InvalidInput, match="workers"):
         hsmbridge.aio.open("pkcs11:token=x", workers=0)
+    for nice in (-1, 20, True, 1.5):
+        with pytest.raises(hsmbridge.InvalidInput, match="worker_nice must be a whole number 0-19"):
+            hsmbridge.aio.open("pkcs11:token=x", worker_nice=nice)  # type: ignore[arg-type]
 
     async def closed() -> None:
         view = hsmbridge.aio.AsyncHSM(None)
@@ -263,3 +268,34 @@ def test_errors_for_bad_options() -> None:
 
     with pytest.raises(hsmbridge.HSMError, match="not open"):
         asyncio.run(closed())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("worker_nice", [0, hsmbridge.aio.WORKER_NICE, 19])
+def test_pool_threads_run_below_the_loop_priority(
+    pkcs11_hsm: hsmbridge.HSM, ec_label: str, worker_nice: int
+) -> None:
+    """The threads that call the token (and the native workers they start) yield
+    the CPU to the event loop thread; the loop thread itself is untouched."""
+
+    def nice_of(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    loop_nice = nice_of(threading.get_native_id())
+
+    async def main() -> list[int]:
+        before = set(threading.enumerate())
+        view = hsmbridge.aio.AsyncHSM.wrap(pkcs11_hsm, worker_nice=worker_nice)
+        try:
+            key = await view.get_key(ec_label)
+            await asyncio.gather(*(key.sign(b"m%d" % i, "ecdsa-sha256") for i in range(50)))
+            pool = [
+                t for t in set(threading.enumerate()) - before if t.name.startswith("hsmbridge-aio")
+            ]
+            return [nice_of(t.native_id) for t in pool if t.native_id is not None]
+        finally:
+            await view.close()
+
+    nices = asyncio.run(main())
+    assert nices and set(nices) == {min(19, loop_nice + worker_nice)}
+    assert nice_of(threading.get_native_id()) == loop_nice
