@@ -407,8 +407,12 @@ def test_users(bridge_server: BridgeServer, admin: Any) -> None:
         metrics.close()
         with pytest.raises(nethsm.NetHSMError, match="already exists"):
             admin.add_user("Dup", nethsm.Role.OPERATOR, "long-enough-pass", user_id)
-        with pytest.raises(nethsm.NetHSMError, match="namespace"):
+        # a root administrator gives a namespace that does not exist yet its users
+        assert (
             admin.add_user("Ns", nethsm.Role.OPERATOR, "long-enough-pass", "u1", namespace="ns1")
+            == "ns1~u1"
+        )
+        admin.delete_user("ns1~u1")
     finally:
         admin.delete_user(user_id)
     with pytest.raises(nethsm.NetHSMError, match="not found"):

@@ -34,6 +34,9 @@ ALL_TYPES = frozenset(
     | {c.nethsm_type for c in curves.CURVES}
 )
 
+#: NetHSM's type for symmetric (AES) keys
+GENERIC = "Generic"
+
 #: every key mechanism of the API (``KeyMechanism``), by the key family that may carry it
 KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
     "rsa": (
@@ -55,7 +58,8 @@ KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
     ),
     "ec": ("ECDSA_Signature",),
     "ed25519": ("EdDSA_Signature",),
-    "other": ("BIP340_Signature", "AES_Encryption_CBC", "AES_Decryption_CBC"),
+    "aes": ("AES_Encryption_CBC", "AES_Decryption_CBC"),
+    "other": ("BIP340_Signature",),
 }
 ALL_MECHANISMS = frozenset(m for group in KEY_MECHANISMS.values() for m in group)
 
@@ -156,6 +160,8 @@ def _family(key_type: str) -> str:
     """The :data:`KEY_MECHANISMS` family of a NetHSM key type."""
     if key_type == "RSA":
         return "rsa"
+    if key_type == GENERIC:
+        return "aes"
     curve = curves.by_nethsm_type(key_type)
     return curve_spec(curve).key_type if curve is not None else "other"
 
