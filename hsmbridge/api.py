@@ -896,6 +896,11 @@ class HSM(abc.ABC):
         """The AES key with this id; :class:`KeyNotFound` if there is none."""
         raise KeyNotFound(f"{self.description} holds no AES keys hsmbridge can use")
 
+    def supported_mechanisms(self) -> list[Mechanism] | None:
+        """The mechanisms this HSM can perform, where it can say in advance (PKCS#11: what
+        the token lists, corrected by probing); None where they are learned on first use."""
+        return None
+
     @abc.abstractmethod
     def get_key(
         self, label: str | None = None, *, key_id: str | None = None, uri: str | None = None

@@ -138,6 +138,20 @@ def _created(req: Req, key_id: str) -> Response:
     )
 
 
+def _check_performable(b: Bridge, key_type: str, mechanisms: list[str]) -> None:
+    """400 for a key mechanism the token cannot perform, naming those it can: refused
+    when the key is made, not accepted and then refused at every use."""
+    offered = b.hsm.supported_mechanisms()
+    if offered is None:  # the backend learns on first use
+        return
+    works = vocabulary.performable(key_type, offered)
+    missing = [m for m in mechanisms if m not in works]
+    if missing:
+        raise bad_request(
+            vocabulary.unperformable_message(b.hsm.description, key_type, missing, works)
+        )
+
+
 def generate(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mechanisms", "type"}, _GENERATE_FIELDS)
     key_type = body["type"]
@@ -155,6 +169,7 @@ def generate(b: Bridge, req: Req) -> Response:
     else:
         spec = vocabulary.spec_for(key_type, length)
         mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
+        _check_performable(b, key_type, mechanisms)
         usage = vocabulary.usage_of(mechanisms)
 
         def make(label: str) -> Key | SecretKey:
@@ -188,6 +203,7 @@ def _import_body(req: Req) -> tuple[str, importer.PrivateKey, list[str], dict[st
 
 def _import(b: Bridge, req: Req, key_id: str) -> None:
     key_type, private, mechanisms, args = _import_body(req)
+    _check_performable(b, key_type, mechanisms)
     rec = _new_record(req, key_id, key_type, mechanisms, args)
     usage = vocabulary.usage_of(mechanisms)
     _create(
