@@ -34,6 +34,7 @@ from .errors import (
     KeyExpired,
     KeyNotFound,
     KeyNotYetValid,
+    MechanismNotSupported,
 )
 from .mechanisms import (
     Mechanism,
@@ -796,6 +797,59 @@ def _window(window: object, threads: int | None) -> int:
     return window
 
 
+#: AES key sizes hsmbridge makes
+AES_BITS = (128, 192, 256)
+AES_BLOCK = 16
+
+
+class SecretKey(abc.ABC):
+    """An AES key inside the HSM: sensitive, never extractable, made there.
+
+    It encrypts and decrypts in CBC mode without padding (NetHSM's
+    ``AES_CBC``): the data is whole 16-byte blocks, the IV one block; padding
+    is the caller's choice and business.
+    """
+
+    def __init__(self, label: str, key_id: str, bits: int) -> None:
+        self.label = label
+        self.id = key_id
+        self.bits = bits
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} AES-{self.bits} label={self.label!r} id={self.id!r}>"
+
+    def encrypt_cbc(self, plaintext: bytes, iv: bytes) -> bytes:
+        return self._cbc(True, _blocks(plaintext, "plaintext"), _iv(iv))
+
+    def decrypt_cbc(self, ciphertext: bytes, iv: bytes) -> bytes:
+        return self._cbc(False, _blocks(ciphertext, "ciphertext"), _iv(iv))
+
+    @abc.abstractmethod
+    def _cbc(self, encrypt: bool, data: bytes, iv: bytes) -> bytes:
+        """One CBC operation in the HSM on checked input."""
+
+    @abc.abstractmethod
+    def delete(self) -> None:
+        """Destroy the key in the HSM."""
+
+
+def _blocks(data: object, what: str) -> bytes:
+    data = _as_bytes(data, what)
+    if not data or len(data) % AES_BLOCK:
+        raise InvalidInput(
+            f"AES-CBC works on whole {AES_BLOCK}-byte blocks without padding; the {what} is "
+            f"{len(data)} bytes (pad it first, e.g. PKCS#7)"
+        )
+    return data
+
+
+def _iv(iv: object) -> bytes:
+    iv = _as_bytes(iv, "iv")
+    if len(iv) != AES_BLOCK:
+        raise InvalidInput(f"the AES-CBC IV is {AES_BLOCK} bytes, got {len(iv)}")
+    return iv
+
+
 class HSM(abc.ABC):
     """A connection to one HSM (token or appliance). Use as a context manager."""
 
@@ -833,6 +887,19 @@ class HSM(abc.ABC):
 
         Its material existed outside the HSM: prefer :meth:`generate_key`.
         """
+
+    def generate_secret_key(self, bits: int, label: str, *, key_id: str | None = None) -> SecretKey:
+        """Generate an AES key inside the HSM (sensitive, never extractable)."""
+        raise MechanismNotSupported(f"{self.description} does not make AES keys in hsmbridge")
+
+    def get_secret_key(self, *, key_id: str) -> SecretKey:
+        """The AES key with this id; :class:`KeyNotFound` if there is none."""
+        raise KeyNotFound(f"{self.description} holds no AES keys hsmbridge can use")
+
+    def supported_mechanisms(self) -> list[Mechanism] | None:
+        """The mechanisms this HSM can perform, where it can say in advance (PKCS#11: what
+        the token lists, corrected by probing); None where they are learned on first use."""
+        return None
 
     @abc.abstractmethod
     def get_key(

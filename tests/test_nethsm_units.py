@@ -254,3 +254,15 @@ def test_from_uri_options_and_password_sources(monkeypatch: pytest.MonkeyPatch) 
         hsmbridge.open("nethsm://op@h:1", password="x", pin="1234")
     with pytest.raises(ConfigurationError, match=r"operator= must be"):
         hsmbridge.open("nethsm://op@h:1", password="x", operator="op")
+
+
+def test_narrowed_keeps_what_the_bridge_can_perform() -> None:
+    """The client's second try after hsmbridge serve refused mechanisms its token lacks."""
+    asked = ["RSA_Decryption_PKCS1", "RSA_Decryption_OAEP_SHA1", "RSA_Decryption_OAEP_SHA256"]
+    works = ["RSA_Decryption_PKCS1", "RSA_Decryption_OAEP_SHA1", "RSA_Signature_PKCS1"]
+    said = keys.unperformable_message("token 't'", "RSA", asked[2:], works)
+    wrapped = f"NetHSM at h refused the input for generating (NetHSM said: {said})"
+    assert keys.narrowed(asked, wrapped) == asked[:2]
+    assert keys.narrowed(asked[2:], wrapped) is None  # no decryption would be left
+    assert keys.narrowed(asked[:2], wrapped) is None  # nothing to drop: the refusal stands
+    assert keys.narrowed(asked, "label is not supported") is None

@@ -337,3 +337,39 @@ def test_generate_in_flight_on_a_killed_replica_leaves_nothing(
     finally:
         thread.join(TIMEOUT)
         restart(cluster, victim)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_namespaces_restore_and_wipe_on_both_engines(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 3 (namespaces) and the restore/factory-reset writes, on either engine."""
+    if engine == "postgres":
+        postgres: Postgres = request.getfixturevalue("postgres")
+        monkeypatch.setenv("PGPASSFILE", str(postgres.passfile))
+        name = uid("parity").replace("-", "_")
+        with postgres.connect("postgres") as conn:  # its own database: wipe() empties it
+            conn.execute(f"CREATE DATABASE {name}")
+        store = open_store(f"postgresql://hsmbridge@/{name}?host={postgres.socket_dir}", tmp_path)
+    else:
+        store = open_store(None, tmp_path)
+    try:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert store.add_namespace("ns1") and not store.add_namespace("ns1")
+        assert store.list_namespaces() == ["ns1"] and store.namespace_exists("ns1")
+        rec = KeyRecord("ns1~k", "Generic", ("AES_Encryption_CBC",), "b1", "ns1~k", operations=7)
+        args: dict[str, Any] = {"users": [], "keys": [rec], "namespaces": ["ns2"]}
+        assert store.restore({"unlock_hash": "h"}, **args, expected=None, state="Locked")
+        assert not store.restore({}, **args, expected=None, state="Locked")  # provisioned
+        assert not store.restore({}, **args, expected="Operational", state="Locked")
+        restored = store.get_key("ns1~k")
+        assert restored is not None and restored.operations == 7
+        assert store.get_setting("state") == "Locked" and store.list_namespaces() == [
+            "ns1",
+            "ns2",
+        ]
+        store.wipe()
+        assert store.all_keys() == [] and store.list_namespaces() == []
+        assert store.get_setting("provisioned") is None
+    finally:
+        store.close()

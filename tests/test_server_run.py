@@ -62,6 +62,8 @@ def _run(token: SoftToken, state: Path) -> str:
     try:
         _wait_until_serving(process, url, cert)
         _exercise(url, cert)
+        idle = _session(cert)  # a keep-alive TLS client that stays connected, idle
+        idle.get(f"{url}/health/state", timeout=TIMEOUT)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -69,8 +71,11 @@ def _run(token: SoftToken, state: Path) -> str:
         except subprocess.TimeoutExpired:
             process.kill()
             pytest.fail("serve() did not stop on SIGTERM")
+    idle.close()
     assert process.returncode == 0, out.decode()  # graceful: serve() returned, cleanup ran
     assert "hsmbridge serve: stopped" in out.decode()
+    # the idle client did not hold the shutdown until the graceful limit ran out
+    assert "timeout graceful shutdown exceeded" not in out.decode()
     return out.decode()
 
 
@@ -97,6 +102,20 @@ def _exercise(url: str, cert: Path) -> None:
             assert r.status_code == 204, r.text
             r = s.get(f"{url}/users", auth=("admin", "run-admin-passphrase"), timeout=10)
             assert r.json() == [{"user": "admin"}]
+            # POST /system/reboot: the process restarts the server, which comes up Locked
+            r = s.post(f"{url}/system/reboot", auth=("admin", "run-admin-passphrase"), timeout=10)
+            assert r.status_code == 204, r.text
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, "the server did not come back after reboot"
+                try:
+                    with _session(cert) as fresh:
+                        state = fresh.get(f"{url}/health/state", timeout=2).json()["state"]
+                    if state == "Locked":
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.1)
 
 
 def test_serve_process_restart_and_sigterm(softhsm_token: SoftToken, tmp_path: Path) -> None:

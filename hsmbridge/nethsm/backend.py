@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..api import (
     EC,
@@ -209,7 +209,7 @@ class NetHSM(HSM):
         def send(body: dict[str, Any]) -> str | None:
             return _new_id(self.client.post_json("/keys/generate", call, cred, body))
 
-        new_id = self._send_labelled(label, kid, body, send)
+        new_id, mechanisms = self._send_performable(label, kid, body, send)
         key = NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
         if expires_in is not None:
             self.rings.write_expiry(key, expiry_of(self, expires_in))
@@ -245,7 +245,7 @@ class NetHSM(HSM):
                 return kid
             return _new_id(self.client.post_json("/keys", call, cred, body))
 
-        new_id = self._send_labelled(label, kid, body, send)
+        new_id, mechanisms = self._send_performable(label, kid, body, send)
         return NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
 
     def _prepare(
@@ -274,6 +274,16 @@ class NetHSM(HSM):
         if kid is not None and kid != label and self._fetch(kid) is not None:
             raise KeyExists(f"a key with id {kid!r} already exists on {self.description}")
         return uses, kid, vocabulary.mechanisms_for(spec, uses)
+
+    def _send_performable(
+        self,
+        label: str,
+        kid: str | None,
+        body: dict[str, Any],
+        send: Callable[[dict[str, Any]], str | None],
+    ) -> tuple[str, list[str]]:
+        """:meth:`_send_labelled` through :func:`create_performable`: (key id, mechanisms)."""
+        return create_performable(body, lambda b: self._send_labelled(label, kid, b, send))
 
     def _send_labelled(
         self,
@@ -414,6 +424,25 @@ class NetHSM(HSM):
     def stats(self) -> dict[str, int]:
         """Request, retry, failover and health-probe counters (a copy)."""
         return dict(self.client.stats)
+
+
+_T = TypeVar("_T")
+
+
+def create_performable(
+    body: dict[str, Any], create: Callable[[dict[str, Any]], _T]
+) -> tuple[_T, list[str]]:
+    """``create(body)``; if the server (``hsmbridge serve``) refuses key mechanisms its
+    token cannot perform, once more with those of them it can, when they still cover the
+    key's usage (SoftHSM2's OAEP has SHA-1 only). (result, mechanisms the key got)."""
+    mechanisms: list[str] = body["mechanisms"]
+    try:
+        return create(body), mechanisms
+    except InvalidInput as exc:
+        fewer = vocabulary.narrowed(mechanisms, exc.message)
+        if fewer is None:
+            raise
+    return create({**body, "mechanisms": fewer}), fewer
 
 
 def _new_id(answer: Any) -> str | None:

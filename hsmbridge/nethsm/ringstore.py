@@ -74,7 +74,7 @@ class NetHSMRingStore(RingStore):
         return self.hsm._fetch(version_key_id(ring, version)) is not None
 
     def create_version(self, record: VersionRecord, spec: KeySpec, usage: frozenset[str]) -> Key:
-        from .backend import NetHSMKey
+        from .backend import NetHSMKey, create_performable
 
         key_id = version_key_id(record.ring, record.version)
         label = f"ring@{record.not_before}+{record.grace}"
@@ -87,8 +87,11 @@ class NetHSMRingStore(RingStore):
         }
         name = version_label(record.ring, record.version)
         call = Call(f"generating {name}", ADMINISTRATOR, safe=False, op="generate")
+        cred = self.hsm._cred(ADMINISTRATOR)
         try:
-            self.hsm.client.post_json("/keys/generate", call, self.hsm._cred(ADMINISTRATOR), body)
+            _, mechanisms = create_performable(
+                body, lambda b: self.hsm.client.post_json("/keys/generate", call, cred, b)
+            )
         except KeyExists:
             raise KeyExists(
                 f"version {record.version} of ring {record.ring!r} was just created by another "

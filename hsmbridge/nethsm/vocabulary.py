@@ -34,6 +34,9 @@ ALL_TYPES = frozenset(
     | {c.nethsm_type for c in curves.CURVES}
 )
 
+#: NetHSM's type for symmetric (AES) keys
+GENERIC = "Generic"
+
 #: every key mechanism of the API (``KeyMechanism``), by the key family that may carry it
 KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
     "rsa": (
@@ -55,7 +58,8 @@ KEY_MECHANISMS: dict[str, tuple[str, ...]] = {
     ),
     "ec": ("ECDSA_Signature",),
     "ed25519": ("EdDSA_Signature",),
-    "other": ("BIP340_Signature", "AES_Encryption_CBC", "AES_Decryption_CBC"),
+    "aes": ("AES_Encryption_CBC", "AES_Decryption_CBC"),
+    "other": ("BIP340_Signature",),
 }
 ALL_MECHANISMS = frozenset(m for group in KEY_MECHANISMS.values() for m in group)
 
@@ -156,6 +160,8 @@ def _family(key_type: str) -> str:
     """The :data:`KEY_MECHANISMS` family of a NetHSM key type."""
     if key_type == "RSA":
         return "rsa"
+    if key_type == GENERIC:
+        return "aes"
     curve = curves.by_nethsm_type(key_type)
     return curve_spec(curve).key_type if curve is not None else "other"
 
@@ -200,6 +206,40 @@ def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
         elif m.startswith("RSA_Decryption_"):
             uses.add("decrypt")
     return frozenset(uses)
+
+
+def performable(key_type: str, offered: Iterable[Mechanism]) -> list[str]:
+    """The NetHSM key mechanisms of ``key_type`` that some ``offered`` hsmbridge mechanism
+    performs (RAW decryption and the PSS/OAEP hashes hsmbridge lacks: none does)."""
+    can = {key_mechanism for m, (key_mechanism, _) in _MODES.items() if m in set(offered)}
+    return [m for m in KEY_MECHANISMS[_family(key_type)] if m in can]
+
+
+#: how ``hsmbridge serve`` lists, in a refusal, the key mechanisms its token performs
+_PERFORMABLE = "mechanisms that work for {} keys here: "
+_PERFORMABLE_RE = re.compile(_PERFORMABLE.format(r"\S+") + r"([A-Za-z0-9_]+(?:, [A-Za-z0-9_]+)*)")
+
+
+def unperformable_message(where: str, key_type: str, missing: list[str], works: list[str]) -> str:
+    """``hsmbridge serve``'s refusal of key mechanisms its token cannot perform."""
+    return (
+        f"{where} cannot perform {', '.join(missing)}; "
+        + _PERFORMABLE.format(key_type)
+        + (", ".join(works) or "none")
+    )
+
+
+def narrowed(requested: list[str], message: str) -> list[str] | None:
+    """The requested mechanisms a refusal (:func:`unperformable_message`) says work, if
+    they still cover every use the request had; else None (the refusal stands)."""
+    found = _PERFORMABLE_RE.search(message)
+    if found is None:
+        return None
+    works = set(found.group(1).split(", "))
+    kept = [m for m in requested if m in works]
+    if len(kept) == len(requested) or not usage_of(requested) <= usage_of(kept):
+        return None
+    return kept
 
 
 def mode_for(mech: Mechanism) -> tuple[str, str]:

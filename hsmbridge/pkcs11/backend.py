@@ -38,7 +38,7 @@ from ..errors import (
 from ..mechanisms import Mechanism
 from ..rings import expiry_of, expiry_validity
 from ..uri import Pkcs11URI, parse_pkcs11_uri
-from . import certs, ec, lookup, rsa
+from . import certs, ec, lookup, rsa, secret
 from .capabilities import Capabilities, ckm_of
 from .errormap import translate
 from .key import Pkcs11Key
@@ -46,6 +46,7 @@ from .module import load_module, load_native
 from .pool import SessionPool
 from .profile import build_profile
 from .ringstore import Pkcs11RingStore, day_of
+from .secret import Pkcs11SecretKey
 from .slots import select_token
 from .templates import Template, generate_with_templates
 
@@ -271,6 +272,14 @@ class Pkcs11HSM(HSM):
                 "withdrawn. Try again, or choose another label"
             )
         return key
+
+    def generate_secret_key(
+        self, bits: int, label: str, *, key_id: str | None = None
+    ) -> Pkcs11SecretKey:
+        return secret.generate(self, bits, label, key_id)
+
+    def get_secret_key(self, *, key_id: str) -> Pkcs11SecretKey:
+        return secret.get(self, key_id)
 
     def _has_twin(self, session: Any, label: str, raw_id: bytes) -> bool:
         """Whether another key shares ``label`` or ``raw_id`` with the one just made.

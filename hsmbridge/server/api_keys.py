@@ -11,9 +11,9 @@ from typing import Any
 from cryptography import x509
 from starlette.responses import JSONResponse, Response
 
-from ..api import Key
+from ..api import AES_BITS, AES_BLOCK, Key, SecretKey
 from ..nethsm import vocabulary
-from . import csr, importer, keys
+from . import csr, importer, keys, namespaces
 from .bridge import Bridge, Req, check_id, parse_json
 from .errors import ApiError, bad_request, not_found
 from .state import KeyRecord
@@ -32,13 +32,20 @@ _IMPORT_FIELDS = {"mechanisms", "type", "private", "restrictions", "label"}
 # -- listing and reading ------------------------------------------------------------
 
 
+def _ns(req: Req) -> str:
+    """The caller's namespace: keys are made, listed and used within it."""
+    return namespaces.namespace_of(req.user.id) if req.user is not None else ""
+
+
 def _list(b: Bridge, req: Req, prefix: str = "") -> Response:
     label = req.query.get("label")
     filtered = "filter" in req.query
+    ns = _ns(req)
     out = [
-        {"id": rec.id}
+        {"id": namespaces.local_id(rec.id)}
         for rec in b.store.list_keys()
-        if rec.id.startswith(prefix)
+        if namespaces.namespace_of(rec.id) == ns
+        and namespaces.local_id(rec.id).startswith(prefix)
         and (label is None or rec.label == label)
         and (not filtered or b.usable_by(req.user, rec))
     ]
@@ -54,21 +61,30 @@ def list_keys_prefix(b: Bridge, req: Req) -> Response:
 
 
 def get_key(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
-    key = b.backend_key(rec)
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     body: dict[str, Any] = {
         "mechanisms": rec.mechanisms,
         "type": rec.type,
         "restrictions": {"tags": rec.tags} if rec.tags else {},
-        "public": vocabulary.public_data(key.public_key_der()),
         "operations": rec.operations,
         "label": rec.label,
     }
+    if rec.type == vocabulary.GENERIC:
+        b.secret_key(rec)  # 404 if the token lost it; a Generic key has no public part
+    else:
+        body["public"] = vocabulary.public_data(b.backend_key(rec).public_key_der())
     return JSONResponse(body)
 
 
+def _key_pair(b: Bridge, rec: KeyRecord) -> Key:
+    """The backend key pair of an RSA/EC key (400 for a Generic key, which has no pair)."""
+    if rec.type == vocabulary.GENERIC:
+        raise bad_request(f"key {rec.id} is a Generic (AES) key: it has no public key to do this")
+    return b.backend_key(rec)
+
+
 def public_pem(b: Bridge, req: Req) -> Response:
-    key = b.backend_key(b.key_record(req.path["KeyID"]))
+    key = _key_pair(b, b.key_record(req.path["KeyID"], _ns(req)))
     return Response(key.public_key_pem(), media_type="application/x-pem-file")
 
 
@@ -94,21 +110,22 @@ def _label(value: object) -> str:
     return value
 
 
-def _create(b: Bridge, rec: KeyRecord, make: Callable[[str], Key]) -> None:
+def _create(b: Bridge, rec: KeyRecord, make: Callable[[str], Key | SecretKey]) -> None:
     """Create the backend key with ``make(backend_label)`` and register it two-phase."""
     if not b.create_key(rec, make):
-        raise ApiError(409, f"a key with the ID {rec.id} already exists")
+        raise ApiError(409, f"a key with the ID {namespaces.local_id(rec.id)} already exists")
 
 
 def _new_record(
-    key_id: str, key_type: str, mechanisms: list[str], body: dict[str, Any]
+    req: Req, key_id: str, key_type: str, mechanisms: list[str], body: dict[str, Any]
 ) -> KeyRecord:
+    internal_id = namespaces.scoped(_ns(req), key_id)
     return KeyRecord(
-        id=key_id,
+        id=internal_id,
         type=key_type,
         mechanisms=tuple(mechanisms),
         backend_id=os.urandom(16).hex(),
-        backend_label=key_id,
+        backend_label=internal_id,
         label=_label(body.get("label")),
         tags=tuple(_restrictions(body.get("restrictions"))),
         status="pending",
@@ -121,21 +138,47 @@ def _created(req: Req, key_id: str) -> Response:
     )
 
 
+def _check_performable(b: Bridge, key_type: str, mechanisms: list[str]) -> None:
+    """400 for a key mechanism the token cannot perform, naming those it can: refused
+    when the key is made, not accepted and then refused at every use."""
+    offered = b.hsm.supported_mechanisms()
+    if offered is None:  # the backend learns on first use
+        return
+    works = vocabulary.performable(key_type, offered)
+    missing = [m for m in mechanisms if m not in works]
+    if missing:
+        raise bad_request(
+            vocabulary.unperformable_message(b.hsm.description, key_type, missing, works)
+        )
+
+
 def generate(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mechanisms", "type"}, _GENERATE_FIELDS)
     key_type = body["type"]
     if not isinstance(key_type, str) or key_type not in vocabulary.ALL_TYPES:
         raise bad_request(f"unknown key type {key_type!r}")
-    spec = vocabulary.spec_for(key_type, body.get("length"))
-    mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
+    length = body.get("length")
+    make: Callable[[str], Key | SecretKey]
+    if key_type == vocabulary.GENERIC:
+        if length not in AES_BITS or isinstance(length, bool):
+            raise bad_request(f"Generic keys are AES keys of {', '.join(map(str, AES_BITS))} bits")
+        mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
+
+        def make(label: str) -> Key | SecretKey:
+            return b.hsm.generate_secret_key(length, label, key_id=rec.backend_id)
+    else:
+        spec = vocabulary.spec_for(key_type, length)
+        mechanisms = vocabulary.check_mechanisms(key_type, body["mechanisms"])
+        _check_performable(b, key_type, mechanisms)
+        usage = vocabulary.usage_of(mechanisms)
+
+        def make(label: str) -> Key | SecretKey:
+            return b.hsm.generate_key(spec, label, usage=usage, key_id=rec.backend_id)
+
     key_id = body.get("id")
     key_id = secrets.token_hex(10) if key_id in (None, "") else check_id(str(key_id))
-    rec = _new_record(key_id, key_type, mechanisms, body)
-    usage = vocabulary.usage_of(mechanisms)
-
-    _create(
-        b, rec, lambda label: b.hsm.generate_key(spec, label, usage=usage, key_id=rec.backend_id)
-    )
+    rec = _new_record(req, key_id, key_type, mechanisms, body)
+    _create(b, rec, make)
     return _created(req, key_id)
 
 
@@ -160,7 +203,8 @@ def _import_body(req: Req) -> tuple[str, importer.PrivateKey, list[str], dict[st
 
 def _import(b: Bridge, req: Req, key_id: str) -> None:
     key_type, private, mechanisms, args = _import_body(req)
-    rec = _new_record(key_id, key_type, mechanisms, args)
+    _check_performable(b, key_type, mechanisms)
+    rec = _new_record(req, key_id, key_type, mechanisms, args)
     usage = vocabulary.usage_of(mechanisms)
     _create(
         b,
@@ -177,7 +221,7 @@ def import_post(b: Bridge, req: Req) -> Response:
 
 def import_put(b: Bridge, req: Req) -> Response:
     key_id = check_id(req.path["KeyID"])
-    if b.store.get_key(key_id) is not None:
+    if b.store.get_key(namespaces.scoped(_ns(req), key_id)) is not None:
         raise ApiError(409, f"a key with the ID {key_id} already exists")
     _import(b, req, key_id)
     return Response(status_code=204)
@@ -187,12 +231,12 @@ def import_put(b: Bridge, req: Req) -> Response:
 
 
 def delete_key(b: Bridge, req: Req) -> Response:
-    b.delete_key(b.key_record(req.path["KeyID"]))
+    b.delete_key(b.key_record(req.path["KeyID"], _ns(req)))
     return Response(status_code=204)
 
 
 def set_label(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     label = _label(req.json_object({"label"})["label"])
     if label == rec.label:
         return Response(status_code=304)
@@ -201,7 +245,7 @@ def set_label(b: Bridge, req: Req) -> Response:
 
 
 def delete_label(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     if rec.label:
         b.store.save_key(replace(rec, label=""))
     return Response(status_code=204)
@@ -213,9 +257,11 @@ def move(b: Bridge, req: Req) -> Response:
     if not isinstance(new_id, str):
         raise bad_request("newId must be a string")
     check_id(new_id, "newId")
-    b.key_record(old_id)
+    old = b.key_record(old_id, _ns(req))
     try:
-        moved = b.store.move_key(old_id, new_id)  # uses not yet written follow the backend id
+        moved = b.store.move_key(
+            old.id, namespaces.scoped(_ns(req), new_id)
+        )  # uses not yet written follow the backend id
     except KeyError:
         raise not_found(f"key {old_id}") from None
     if not moved:
@@ -224,7 +270,7 @@ def move(b: Bridge, req: Req) -> Response:
 
 
 def put_key_tag(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     tag = check_id(req.path["Tag"], "tag")
     if tag in rec.tags:
         return Response(status_code=304)
@@ -233,7 +279,7 @@ def put_key_tag(b: Bridge, req: Req) -> Response:
 
 
 def delete_key_tag(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     tag = req.path["Tag"]
     if tag not in rec.tags:
         raise not_found(f"tag {tag} of key {rec.id}")
@@ -245,14 +291,14 @@ def delete_key_tag(b: Bridge, req: Req) -> Response:
 
 
 def get_cert(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     if rec.cert is None:
         raise not_found(f"certificate of key {rec.id}")
     return Response(rec.cert, media_type="application/octet-stream")
 
 
 def put_cert(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     media = req.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if media not in CERT_TYPES:
         raise ApiError(415, f"certificates are sent as one of: {', '.join(sorted(CERT_TYPES))}")
@@ -272,7 +318,7 @@ def put_cert(b: Bridge, req: Req) -> Response:
 
 
 def delete_cert(b: Bridge, req: Req) -> Response:
-    rec = b.key_record(req.path["KeyID"])
+    rec = b.key_record(req.path["KeyID"], _ns(req))
     if rec.cert is None:
         raise not_found(f"certificate of key {rec.id}")
     b.store.save_key(replace(rec, cert=None, cert_type=None))
@@ -282,11 +328,29 @@ def delete_cert(b: Bridge, req: Req) -> Response:
 # -- cryptography -------------------------------------------------------------------
 
 
-def _usable(b: Bridge, req: Req) -> tuple[KeyRecord, Key]:
-    """The key's shared cached record (read only) and its backend key, for crypto."""
-    rec = b.key_for_use(req.path["KeyID"])
+def _usable_record(b: Bridge, req: Req) -> KeyRecord:
+    """The key's shared cached record (read only), once the caller may use it."""
+    rec = b.key_for_use(req.path["KeyID"], _ns(req))
     b.check_tags(req.user, rec)
-    return rec, b.backend_key(rec)
+    return rec
+
+
+def _usable(b: Bridge, req: Req) -> tuple[KeyRecord, Key]:
+    """The key's shared cached record (read only) and its backend key pair, for crypto."""
+    rec = _usable_record(b, req)
+    return rec, _key_pair(b, rec)
+
+
+def _aes(b: Bridge, rec: KeyRecord, mode: object, mechanism: str) -> SecretKey:
+    """The AES key of a Generic key allowed ``mechanism`` (400 otherwise)."""
+    if mode != "AES_CBC":
+        raise bad_request(f"Generic keys encrypt and decrypt in mode AES_CBC, not {mode!r}")
+    if mechanism not in rec.mechanisms:
+        raise bad_request(
+            f"key {rec.id} does not allow {mechanism}: its mechanisms are "
+            f"{', '.join(rec.mechanisms)}"
+        )
+    return b.secret_key(rec)
 
 
 def sign(b: Bridge, req: Req) -> Response:
@@ -300,7 +364,14 @@ def sign(b: Bridge, req: Req) -> Response:
 
 def decrypt(b: Bridge, req: Req) -> Response:
     body = req.json_object({"mode", "encrypted"}, {"iv"})
-    rec, key = _usable(b, req)
+    rec = _usable_record(b, req)
+    if rec.type == vocabulary.GENERIC:
+        aes = _aes(b, rec, body["mode"], "AES_Decryption_CBC")
+        iv = keys.unb64(body.get("iv"), "iv")
+        plain = aes.decrypt_cbc(keys.unb64(body["encrypted"], "encrypted"), iv)
+        b.store.count_operation(rec)
+        return JSONResponse({"decrypted": keys.b64(plain)})
+    key = _key_pair(b, rec)
     data = keys.unb64(body["encrypted"], "encrypted")
     plaintext = keys.decrypt(key, rec.id, list(rec.mechanisms), str(body["mode"]), data)
     b.store.count_operation(rec)
@@ -308,18 +379,19 @@ def decrypt(b: Bridge, req: Req) -> Response:
 
 
 def encrypt(b: Bridge, req: Req) -> Response:
+    """AES-CBC with a Generic key (a random IV unless one is sent); RSA/EC keys answer 400."""
     body = req.json_object({"mode", "message"}, {"iv"})
-    _, key = _usable(b, req)
-    raise keys.check_encrypt(key, body["mode"])
+    rec = _usable_record(b, req)
+    if rec.type != vocabulary.GENERIC:
+        raise keys.check_encrypt(_key_pair(b, rec), body["mode"])
+    aes = _aes(b, rec, body["mode"], "AES_Encryption_CBC")
+    iv = os.urandom(AES_BLOCK) if body.get("iv") is None else keys.unb64(body["iv"], "iv")
+    encrypted = aes.encrypt_cbc(keys.unb64(body["message"], "message"), iv)
+    b.store.count_operation(rec)
+    return JSONResponse({"encrypted": keys.b64(encrypted), "iv": keys.b64(iv)})
 
 
 def key_csr(b: Bridge, req: Req) -> Response:
-    body = req.json_object({"commonName"}, set(csr.DN_FIELDS) | {"subjectAltNames"})
-    for name, value in body.items():
-        if name == "subjectAltNames":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise bad_request("subjectAltNames must be a list of strings")
-        elif not isinstance(value, str):
-            raise bad_request(f"{name} must be a string")
+    body = csr.check_dn(req.json_object({"commonName"}, set(csr.DN_FIELDS) | {"subjectAltNames"}))
     _, key = _usable(b, req)
     return Response(csr.build_csr(key, body), media_type="application/x-pem-file")

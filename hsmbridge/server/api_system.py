@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import time
@@ -11,6 +10,8 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
+from . import api_config
+from . import metrics as metrics_names
 from .auth import check_passphrase_strength
 from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
 from .errors import ApiError, bad_request
@@ -39,23 +40,16 @@ def health_state(b: Bridge, req: Req) -> Response:
     return JSONResponse({"state": b.state})
 
 
-def _check_time(value: object) -> None:
-    if not isinstance(value, str):
-        raise bad_request("systemTime must be an RFC 3339 date-time string")
-    try:
-        datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"systemTime {value[:40]!r} is not an RFC 3339 date-time") from None
-
-
 def provision(b: Bridge, req: Req) -> Response:
+    received = time.time()
     body = req.json_object({"unlockPassphrase", "adminPassphrase", "systemTime"})
     unlock = check_passphrase_strength(body["unlockPassphrase"], "unlockPassphrase")
     admin = check_passphrase_strength(body["adminPassphrase"], "adminPassphrase")
-    _check_time(body["systemTime"])
+    when = api_config.parse_time(body["systemTime"], "systemTime")
     admin_user = b.new_user("admin", "admin", "Administrator", admin)
     unlock_hash = b.passphrases.hash(unlock)
     b.provision(admin_user, unlock_hash)
+    api_config.set_clock(b, when, received)
     return Response(status_code=204)
 
 
@@ -93,12 +87,17 @@ def random(b: Bridge, req: Req) -> Response:
 
 
 def metrics(b: Bridge, req: Req) -> Response:
+    uptime = int(time.time() - b.started)
     return JSONResponse(
         {
+            **metrics_names.runtime(),
+            **b.http_metrics.snapshot(),
+            "kv write": b.store.writes,
+            "uptime": uptime,
             "keyOperations": b.store.total_operations(),
             "keys": len(b.store.list_keys()),
             "users": len(b.store.list_users()),
-            "uptimeSeconds": int(time.time() - b.started),
+            "uptimeSeconds": uptime,
         }
     )
 
@@ -155,8 +154,3 @@ def tls_public_pem(b: Bridge, req: Req) -> Response:
 
 def tls_cert_pem(b: Bridge, req: Req) -> Response:
     return Response(_tls_cert(b).read_bytes(), media_type="application/x-pem-file")
-
-
-def get_time(b: Bridge, req: Req) -> Response:
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    return JSONResponse({"time": now.isoformat().replace("+00:00", "Z")})

@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
+from . import namespaces
 from .auth import check_passphrase_strength
 from .bridge import ROLES, Bridge, Req, check_id, check_user_id
 from .errors import ApiError, bad_request, not_found
@@ -24,16 +25,30 @@ def _user_or_404(b: Bridge, user_id: str) -> UserRecord:
 
 
 def _own_or_any(b: Bridge, req: Req) -> UserRecord:
-    """The user named in the path, which operators may only be themselves.
+    """The user named in the path: operators may only name themselves, namespace
+    administrators only users of their namespace.
 
-    The role is checked before the lookup: an operator gets 403 for every other
-    user ID, existing or not, so it cannot learn which user names exist.
+    Checked before the lookup: a caller gets 403 for every user ID it may not
+    see, existing or not, so it cannot learn which user names exist.
     """
     assert req.user is not None
     user_id = check_user_id(req.path["UserID"])
-    if req.user.role != "Administrator" and req.user.id != user_id:
-        raise ApiError(403, "access denied: operators may only access their own user")
+    if req.user.id != user_id:
+        if req.user.role != "Administrator":
+            raise ApiError(403, "access denied: operators may only access their own user")
+        if not namespaces.can_read_user(req.user.id, user_id):
+            raise namespaces.denied(f"user {user_id} is outside your namespace")
     return _user_or_404(b, user_id)
+
+
+def _managed(b: Bridge, req: Req, user_id: str) -> str:
+    """``user_id`` if the calling administrator may create, change or delete it (else 403)."""
+    assert req.user is not None
+    check_user_id(user_id)
+    target_ns = namespaces.namespace_of(user_id)
+    exists = bool(target_ns) and b.store.namespace_exists(target_ns)
+    namespaces.check_manage_user(req.user.id, user_id, exists)
+    return user_id
 
 
 def _user_body(req: Req) -> dict[str, Any]:
@@ -54,15 +69,24 @@ def _create(b: Bridge, req: Req, user_id: str) -> None:
 
 
 def list_users(b: Bridge, req: Req) -> Response:
-    return JSONResponse([{"user": u} for u in b.store.list_users()])
+    assert req.user is not None
+    users = b.store.list_users()
+    return JSONResponse([{"user": u} for u in users if namespaces.can_read_user(req.user.id, u)])
 
 
-def post_users(b: Bridge, req: Req) -> Response:
-    user_id = secrets.token_hex(10)
-    _create(b, req, user_id)
+def _created(req: Req, user_id: str) -> Response:
     return JSONResponse(
         {"id": user_id}, status_code=201, headers={"Location": f"{req.base_url}/users/{user_id}"}
     )
+
+
+def post_users(b: Bridge, req: Req) -> Response:
+    """A new user with a generated ID, in the caller's namespace."""
+    assert req.user is not None
+    namespace = namespaces.namespace_of(req.user.id)
+    user_id = _managed(b, req, namespaces.scoped(namespace, secrets.token_hex(10)))
+    _create(b, req, user_id)
+    return _created(req, user_id)
 
 
 def get_user(b: Bridge, req: Req) -> Response:
@@ -71,16 +95,27 @@ def get_user(b: Bridge, req: Req) -> Response:
 
 
 def put_user(b: Bridge, req: Req) -> Response:
-    user_id = check_user_id(req.path["UserID"])
+    user_id = _managed(b, req, req.path["UserID"])
     _create(b, req, user_id)
     return Response(status_code=201, headers={"Location": f"{req.base_url}/users/{user_id}"})
 
 
 def post_user_in_namespace(b: Bridge, req: Req) -> Response:
-    raise bad_request("namespaced users (namespace~) are not implemented by hsmbridge serve")
+    """``POST /users/ns~``: a new user with a generated ID in namespace ``ns``."""
+    prefix = req.path["UserID"]
+    namespace = prefix[:-1]
+    if not prefix.endswith(namespaces.SEPARATOR) or not namespace:
+        raise bad_request(
+            f"POST /users/{{namespace}}~ creates a user in a namespace, not {prefix!r}"
+        )
+    check_id(namespace, "namespace")
+    user_id = _managed(b, req, namespaces.scoped(namespace, secrets.token_hex(10)))
+    _create(b, req, user_id)
+    return _created(req, user_id)
 
 
 def delete_user(b: Bridge, req: Req) -> Response:
+    _managed(b, req, req.path["UserID"])
     user = _user_or_404(b, req.path["UserID"])
     assert req.user is not None
     if user.id == req.user.id:
@@ -91,6 +126,9 @@ def delete_user(b: Bridge, req: Req) -> Response:
 
 def set_passphrase(b: Bridge, req: Req) -> Response:
     user = _own_or_any(b, req)
+    assert req.user is not None
+    if req.user.id != user.id:
+        _managed(b, req, user.id)
     passphrase = check_passphrase_strength(req.json_object({"passphrase"})["passphrase"])
     new_hash = b.passphrases.hash(passphrase)  # cached logins die with the old hash
     b.store.update_user(replace(user, pass_hash=new_hash))
@@ -107,7 +145,7 @@ def _set_tags(b: Bridge, user: UserRecord, tags: list[str]) -> None:
 
 
 def put_tag(b: Bridge, req: Req) -> Response:
-    user = _user_or_404(b, req.path["UserID"])
+    user = _user_or_404(b, _managed(b, req, req.path["UserID"]))
     tag = check_id(req.path["Tag"], "tag")
     if user.role != "Operator":
         raise bad_request(f"tags can only be given to Operator users; {user.id} is {user.role}")
@@ -118,7 +156,7 @@ def put_tag(b: Bridge, req: Req) -> Response:
 
 
 def delete_tag(b: Bridge, req: Req) -> Response:
-    user = _user_or_404(b, req.path["UserID"])
+    user = _user_or_404(b, _managed(b, req, req.path["UserID"]))
     tag = req.path["Tag"]
     if tag not in user.tags:
         raise not_found(f"tag {tag} of user {user.id}")

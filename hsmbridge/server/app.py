@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +38,17 @@ from starlette.datastructures import URL, Headers
 from starlette.responses import JSONResponse, Response
 
 from ..errors import HSMError
-from . import api_keys, api_system, api_users, forms
+from . import (
+    api_config,
+    api_keys,
+    api_maintenance,
+    api_namespaces,
+    api_system,
+    api_tls,
+    api_users,
+    forms,
+    namespaces,
+)
 from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
 from .connections import client_key
 from .errors import ApiError, from_hsm_error, not_implemented
@@ -56,11 +67,15 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-#: what a route reads: nothing, a body (JSON or bytes), or a body that may be a form
-Body = Literal["none", "data", "form"]
+#: what a route reads: nothing, a body (JSON or bytes), a body that may be a form, or a
+#: backup upload (a form whose ``backup_file`` part is bytes, up to ``max_backup_body``)
+Body = Literal["none", "data", "form", "backup"]
 NO_BODY: Body = "none"
 DATA: Body = "data"
 FORM: Body = "form"
+BACKUP: Body = "backup"
+UNPROV = (UNPROVISIONED,)
+NOT_OPERATIONAL = (UNPROVISIONED, LOCKED)
 
 
 @dataclass(frozen=True)
@@ -69,9 +84,18 @@ class Op:
     roles: tuple[str, ...] | None  # None: public, no authentication
     states: tuple[str, ...] = (OPERATIONAL,)
     body: Body = NO_BODY
+    #: states in which the route needs no authentication (the spec's restore, shutdown)
+    public_in: tuple[str, ...] = ()
+    #: whether users of a namespace may call it (users, keys, random); the rest is root-only
+    namespaced: bool = False
+
+    def roles_in(self, state: str) -> tuple[str, ...] | None:
+        """The roles that may call it in ``state``; None: anyone, unauthenticated."""
+        return None if state in self.public_in else self.roles
 
 
-S, U, K = api_system, api_users, api_keys
+S, U, K, N = api_system, api_users, api_keys, api_namespaces
+C, M, T = api_config, api_maintenance, api_tls
 
 #: path -> method -> operation. Order matters: ``/keys/{KeyPrefix}*`` before ``/keys/{KeyID}``.
 ROUTES: dict[str, dict[str, Op]] = {
@@ -82,59 +106,94 @@ ROUTES: dict[str, dict[str, Op]] = {
     "/provision": {"POST": Op(S.provision, None, (UNPROVISIONED,), DATA)},
     "/unlock": {"POST": Op(S.unlock, None, (LOCKED,), DATA)},
     "/lock": {"POST": Op(S.lock, ADMIN)},
-    "/random": {"POST": Op(S.random, OPERATOR, body=DATA)},
+    "/random": {"POST": Op(S.random, OPERATOR, body=DATA, namespaced=True)},
     "/metrics": {"GET": Op(S.metrics, ("Metrics",))},
     "/system/info": {"GET": Op(S.system_info, ADMIN)},
+    "/system/backup": {"POST": Op(M.make_backup, ("Backup",))},
+    "/system/restore": {
+        "POST": Op(M.restore, ADMIN, (UNPROVISIONED, OPERATIONAL), BACKUP, public_in=UNPROV)
+    },
+    "/system/reboot": {"POST": Op(M.reboot, ADMIN)},
+    "/system/shutdown": {"POST": Op(M.shutdown, ADMIN, ANY_STATE, public_in=NOT_OPERATIONAL)},
+    "/system/factory-reset": {"POST": Op(M.factory_reset, ADMIN)},
     "/config/unlock-passphrase": {"PUT": Op(S.set_unlock_passphrase, ADMIN, body=DATA)},
     "/config/unattended-boot": {
         "GET": Op(S.get_unattended_boot, ADMIN),
         "PUT": Op(S.set_unattended_boot, ADMIN, body=DATA),
     },
     "/config/tls/public.pem": {"GET": Op(S.tls_public_pem, ADMIN)},
-    "/config/tls/cert.pem": {"GET": Op(S.tls_cert_pem, ADMIN)},
-    "/config/time": {"GET": Op(S.get_time, ADMIN)},
-    "/users": {"GET": Op(U.list_users, ADMIN), "POST": Op(U.post_users, ADMIN, body=DATA)},
-    "/users/{UserID}": {
-        "GET": Op(U.get_user, ADMIN_OR_OPERATOR),
-        "PUT": Op(U.put_user, ADMIN, body=DATA),
-        "POST": Op(U.post_user_in_namespace, ADMIN),
-        "DELETE": Op(U.delete_user, ADMIN),
+    "/config/tls/cert.pem": {
+        "GET": Op(S.tls_cert_pem, ADMIN),
+        "PUT": Op(T.set_cert, ADMIN, body=DATA),
     },
-    "/users/{UserID}/passphrase": {"POST": Op(U.set_passphrase, ADMIN_OR_OPERATOR, body=DATA)},
-    "/users/{UserID}/tags": {"GET": Op(U.get_tags, ADMIN_OR_OPERATOR)},
+    "/config/tls/csr.pem": {"POST": Op(T.make_csr, ADMIN, body=DATA)},
+    "/config/tls/generate": {"POST": Op(T.generate, ADMIN, body=DATA)},
+    "/config/tls/cluster-ca.pem": {
+        "GET": Op(T.get_cluster_ca, ADMIN),
+        "PUT": Op(T.set_cluster_ca, ADMIN, body=DATA),
+    },
+    "/config/time": {"GET": Op(C.get_time, ADMIN), "PUT": Op(C.set_time, ADMIN, body=DATA)},
+    "/config/logging": {
+        "GET": Op(C.get_logging, ADMIN),
+        "PUT": Op(C.set_logging, ADMIN, body=DATA),
+    },
+    "/config/network": {
+        "GET": Op(C.get_network, ADMIN),
+        "PUT": Op(C.set_network, ADMIN, body=DATA),
+    },
+    "/config/backup-passphrase": {"PUT": Op(C.set_backup_passphrase, ADMIN, body=DATA)},
+    "/namespaces": {"GET": Op(N.list_namespaces, ADMIN)},
+    "/namespaces/{NamespaceID}": {
+        "PUT": Op(N.put_namespace, ADMIN),
+        "DELETE": Op(N.delete_namespace, ADMIN),
+    },
+    "/users": {
+        "GET": Op(U.list_users, ADMIN, namespaced=True),
+        "POST": Op(U.post_users, ADMIN, body=DATA, namespaced=True),
+    },
+    "/users/{UserID}": {
+        "GET": Op(U.get_user, ADMIN_OR_OPERATOR, namespaced=True),
+        "PUT": Op(U.put_user, ADMIN, body=DATA, namespaced=True),
+        "POST": Op(U.post_user_in_namespace, ADMIN, body=DATA, namespaced=True),
+        "DELETE": Op(U.delete_user, ADMIN, namespaced=True),
+    },
+    "/users/{UserID}/passphrase": {
+        "POST": Op(U.set_passphrase, ADMIN_OR_OPERATOR, body=DATA, namespaced=True)
+    },
+    "/users/{UserID}/tags": {"GET": Op(U.get_tags, ADMIN_OR_OPERATOR, namespaced=True)},
     "/users/{UserID}/tags/{Tag}": {
-        "PUT": Op(U.put_tag, ADMIN),
-        "DELETE": Op(U.delete_tag, ADMIN),
+        "PUT": Op(U.put_tag, ADMIN, namespaced=True),
+        "DELETE": Op(U.delete_tag, ADMIN, namespaced=True),
     },
     "/keys": {
-        "GET": Op(K.list_keys, ADMIN_OR_OPERATOR),
-        "POST": Op(K.import_post, ADMIN, body=FORM),
+        "GET": Op(K.list_keys, ADMIN_OR_OPERATOR, namespaced=True),
+        "POST": Op(K.import_post, ADMIN, body=FORM, namespaced=True),
     },
-    "/keys/generate": {"POST": Op(K.generate, ADMIN, body=DATA)},
-    "/keys/{KeyPrefix}*": {"GET": Op(K.list_keys_prefix, ADMIN_OR_OPERATOR)},
+    "/keys/generate": {"POST": Op(K.generate, ADMIN, body=DATA, namespaced=True)},
+    "/keys/{KeyPrefix}*": {"GET": Op(K.list_keys_prefix, ADMIN_OR_OPERATOR, namespaced=True)},
     "/keys/{KeyID}": {
-        "GET": Op(K.get_key, ADMIN_OR_OPERATOR),
-        "PUT": Op(K.import_put, ADMIN, body=FORM),
-        "DELETE": Op(K.delete_key, ADMIN),
+        "GET": Op(K.get_key, ADMIN_OR_OPERATOR, namespaced=True),
+        "PUT": Op(K.import_put, ADMIN, body=FORM, namespaced=True),
+        "DELETE": Op(K.delete_key, ADMIN, namespaced=True),
     },
     "/keys/{KeyID}/label": {
-        "PUT": Op(K.set_label, ADMIN, body=DATA),
-        "DELETE": Op(K.delete_label, ADMIN),
+        "PUT": Op(K.set_label, ADMIN, body=DATA, namespaced=True),
+        "DELETE": Op(K.delete_label, ADMIN, namespaced=True),
     },
-    "/keys/{KeyID}/public.pem": {"GET": Op(K.public_pem, ADMIN_OR_OPERATOR)},
-    "/keys/{KeyID}/csr.pem": {"POST": Op(K.key_csr, ADMIN_OR_OPERATOR, body=DATA)},
-    "/keys/{KeyID}/decrypt": {"POST": Op(K.decrypt, OPERATOR, body=DATA)},
-    "/keys/{KeyID}/encrypt": {"POST": Op(K.encrypt, OPERATOR, body=DATA)},
-    "/keys/{KeyID}/sign": {"POST": Op(K.sign, OPERATOR, body=DATA)},
+    "/keys/{KeyID}/public.pem": {"GET": Op(K.public_pem, ADMIN_OR_OPERATOR, namespaced=True)},
+    "/keys/{KeyID}/csr.pem": {"POST": Op(K.key_csr, ADMIN_OR_OPERATOR, body=DATA, namespaced=True)},
+    "/keys/{KeyID}/decrypt": {"POST": Op(K.decrypt, OPERATOR, body=DATA, namespaced=True)},
+    "/keys/{KeyID}/encrypt": {"POST": Op(K.encrypt, OPERATOR, body=DATA, namespaced=True)},
+    "/keys/{KeyID}/sign": {"POST": Op(K.sign, OPERATOR, body=DATA, namespaced=True)},
     "/keys/{KeyID}/cert": {
-        "GET": Op(K.get_cert, ADMIN_OR_OPERATOR),
-        "PUT": Op(K.put_cert, ADMIN, body=DATA),
-        "DELETE": Op(K.delete_cert, ADMIN),
+        "GET": Op(K.get_cert, ADMIN_OR_OPERATOR, namespaced=True),
+        "PUT": Op(K.put_cert, ADMIN, body=DATA, namespaced=True),
+        "DELETE": Op(K.delete_cert, ADMIN, namespaced=True),
     },
-    "/keys/{KeyID}/move": {"POST": Op(K.move, ADMIN, body=DATA)},
+    "/keys/{KeyID}/move": {"POST": Op(K.move, ADMIN, body=DATA, namespaced=True)},
     "/keys/{KeyID}/restrictions/tags/{Tag}": {
-        "PUT": Op(K.put_key_tag, ADMIN),
-        "DELETE": Op(K.delete_key_tag, ADMIN),
+        "PUT": Op(K.put_key_tag, ADMIN, namespaced=True),
+        "DELETE": Op(K.delete_key_tag, ADMIN, namespaced=True),
     },
 }
 
@@ -146,28 +205,12 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "/cluster/members": "clustering",
     "/cluster/members/{MemberID}/promote": "clustering",
     "/cluster/members/{MemberID}": "clustering",
-    "/namespaces": "namespaces",
-    "/namespaces/{NamespaceID}": "namespaces",
-    "/config/tls/csr.pem": "TLS certificate management",
-    "/config/tls/generate": "TLS certificate management",
-    "/config/tls/cluster-ca.pem": "TLS certificate management",
-    "/config/network": "network configuration",
-    "/config/logging": "logging configuration",
-    "/config/backup-passphrase": "backup",
-    "/system/reboot": "system control",
-    "/system/shutdown": "system control",
-    "/system/factory-reset": "system control",
     "/system/update": "system updates",
     "/system/commit-update": "system updates",
     "/system/cancel-update": "system updates",
-    "/system/backup": "backup",
-    "/system/restore": "backup and restore",
 }
 #: Methods of implemented paths that are still not implemented.
-NOT_IMPLEMENTED_METHODS = {
-    ("/config/tls/cert.pem", "PUT"): "TLS certificate management",
-    ("/config/time", "PUT"): "setting the system time",
-}
+NOT_IMPLEMENTED_METHODS: dict[tuple[str, str], str] = {}
 ALL_METHODS = ["GET", "PUT", "POST", "DELETE", "PATCH"]
 
 
@@ -183,9 +226,12 @@ def dispatch(bridge: Bridge, op: Op, req: Req) -> Response:
     """
     try:
         bridge.require_state(*op.states)
+        if req.user is not None:
+            namespaces.check_may_call(bridge.store, req.user.id, op.namespaced)
         content_type = req.headers.get("content-type", "")
-        if op.body == FORM and forms.is_multipart(content_type):
-            req.form = forms.parse_multipart(content_type, req.body, bridge.limits)
+        if op.body in (FORM, BACKUP) and forms.is_multipart(content_type):
+            binary = forms.BACKUP_FIELDS if op.body == BACKUP else ()
+            req.form = forms.parse_multipart(content_type, req.body, bridge.limits, binary)
         return op.handler(bridge, req)
     except ApiError as exc:
         return error_response(exc)
@@ -339,6 +385,7 @@ class BridgeApp:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         headers = Headers(scope=scope)
         unread = [_has_body(headers)]  # a body left unread: close the connection after
         if self.requests >= self.limits.max_requests:
@@ -362,6 +409,7 @@ class BridgeApp:
                 self.requests -= 1
         if unread[0]:
             response.headers["connection"] = "close"
+        self.bridge.http_metrics.record(response.status_code, time.perf_counter() - started)
         await response(scope, receive, send)
 
     async def _respond(
@@ -373,11 +421,13 @@ class BridgeApp:
         try:
             op, params = self.router.resolve(method, scope["path"])
             self.bridge.require_state(*op.states)
-            user = await self._authenticate(op, headers, who)
+            roles = op.roles_in(self.bridge.state)
+            user = await self._authenticate(roles, headers, who)
+            if user is not None:
+                namespaces.check_route(user.id, op.namespaced)
             body = b""
             if op.body != NO_BODY:
-                limit = self.limits.max_body if op.roles else self.limits.max_public_body
-                body = await _read_body(receive, headers, limit)
+                body = await _read_body(receive, headers, self._body_limit(op, roles))
                 unread[0] = False
         except ApiError as exc:
             return error_response(exc)
@@ -394,14 +444,21 @@ class BridgeApp:
         response: Response = await self._in_thread(dispatch, self.bridge, op, req)
         return response
 
-    async def _authenticate(self, op: Op, headers: Headers, client: str) -> UserRecord | None:
+    def _body_limit(self, op: Op, roles: tuple[str, ...] | None) -> int:
+        if op.body == BACKUP:
+            return self.limits.max_backup_body
+        return self.limits.max_body if roles else self.limits.max_public_body
+
+    async def _authenticate(
+        self, roles: tuple[str, ...] | None, headers: Headers, client: str
+    ) -> UserRecord | None:
         """The caller: credentials verified before on the loop, others (argon2) in a thread."""
-        if op.roles is None:
+        if roles is None:
             return None
         authorization = headers.get("authorization")
-        user = self.bridge.cached_login(authorization, op.roles)
+        user = self.bridge.cached_login(authorization, roles)
         if user is None:
-            user = await self._in_thread(self.bridge.authenticate, authorization, client, op.roles)
+            user = await self._in_thread(self.bridge.authenticate, authorization, client, roles)
         return user
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

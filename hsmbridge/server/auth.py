@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -46,6 +47,8 @@ from .errors import ApiError
 from .limits import Limits
 
 log = logging.getLogger("hsmbridge.server")
+
+_T = TypeVar("_T")
 
 PASSPHRASE_MIN = 10
 #: seconds an administrator's passphrase change waits for an argon2 slot
@@ -171,10 +174,15 @@ class Passphrases:
     def hash(self, passphrase: str) -> str:
         """An argon2id hash (waits up to :data:`HASH_WAIT` s for an argon2 slot, else 503)."""
         secret = _utf8(passphrase)
+        return self.gated(lambda: self._hasher.hash(secret))
+
+    def gated(self, kdf: Callable[[], _T]) -> _T:
+        """Run another passphrase KDF (the backup key's scrypt, 16 MiB) in an argon2 slot:
+        it costs as much, so the same bound holds (waits up to :data:`HASH_WAIT` s, else 503)."""
         if not self._gate.acquire(timeout=HASH_WAIT):
             raise _busy()
         try:
-            return self._hasher.hash(secret)
+            return kdf()
         finally:
             self._gate.release()
 

@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ..api import HSM, Key
+from ..api import HSM, Key, SecretKey
 from ..errors import HSMError, HSMUnavailable, KeyExists, KeyNotFound
-from . import statedir
+from . import namespaces, statedir
 from .auth import Passphrases, parse_basic
+from .control import Control
 from .errors import ApiError, bad_request, not_found
 from .limits import DEFAULT, Limits
+from .metrics import HttpMetrics
 from .state import SQLITE_FILE, KeyRecord, UserRecord, open_store
 
 log = logging.getLogger("hsmbridge.server")
@@ -30,6 +32,8 @@ log = logging.getLogger("hsmbridge.server")
 # Matched with fullmatch: ``$`` would also match before a trailing newline.
 ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 USER_ID_RE = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9_.-]*~)?[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+
+_K = TypeVar("_K", Key, SecretKey)
 
 UNPROVISIONED, LOCKED, OPERATIONAL = "Unprovisioned", "Locked", "Operational"
 ROLES = ("Administrator", "Operator", "Metrics", "Backup")
@@ -111,10 +115,6 @@ def check_id(value: str, what: str = "KeyID") -> str:
 def check_user_id(value: str) -> str:
     if not (1 <= len(value) <= 128) or not USER_ID_RE.fullmatch(value):
         raise bad_request(f"UserID {value[:130]!r} is invalid")
-    if "~" in value:
-        raise bad_request(
-            "namespaced users (namespace~user) are not implemented by hsmbridge serve"
-        )
     return value
 
 
@@ -158,8 +158,11 @@ class Bridge:
         self.store = open_store(database, state_dir)
         self.passphrases = Passphrases(limits)
         self.store.on_failed_login = self.passphrases.record_failure
+        self.control = Control()
+        self.http_metrics = HttpMetrics()
         self.started = time.time()
         self._keys: dict[str, Key] = {}
+        self._secrets: dict[str, SecretKey] = {}
         self._keys_lock = threading.Lock()
         # The first replica to start comes up Locked (or Operational with unattended
         # boot), like the appliance; a replica joining live others takes their state.
@@ -233,17 +236,24 @@ class Bridge:
 
     # -- keys ------------------------------------------------------------------------
 
-    def key_record(self, key_id: str) -> KeyRecord:
-        """A private copy of the key's record (404 if there is none), to change or report."""
+    def key_record(self, key_id: str, namespace: str = "") -> KeyRecord:
+        """A private copy of the key's record (404 if there is none), to change or report.
+
+        ``namespace`` is the caller's (see :mod:`.namespaces`); ``key_id`` is the plain ID.
+        """
         check_id(key_id)
-        rec = self.store.get_key(key_id)
+        rec = self.store.get_key(namespaces.scoped(namespace, key_id))
         if rec is None:
             raise not_found(f"key {key_id}")
         return rec
 
-    def key_for_use(self, key_id: str) -> KeyRecord:
+    def key_for_use(self, key_id: str, namespace: str = "") -> KeyRecord:
         """The key's shared cached record (404 if there is none); never change it."""
-        rec = self.store.key_for_use(key_id)  # a cached id was valid when it was stored
+        # A cached id was valid when it was stored; no plain ID holds the separator, so
+        # no caller can name another namespace's key.
+        rec = None
+        if namespaces.SEPARATOR not in key_id:
+            rec = self.store.key_for_use(namespaces.scoped(namespace, key_id))
         if rec is None:
             check_id(key_id)
             raise not_found(f"key {key_id}")
@@ -256,23 +266,37 @@ class Bridge:
         """
         key = self._keys.get(rec.backend_id)  # lock-free read; writers hold _keys_lock
         if key is None:
-            try:
-                key = self.hsm.get_key(key_id=rec.backend_id)
-            except KeyNotFound:
-                raise ApiError(
-                    404,
-                    f"key {rec.id} is registered but its backend key is gone from "
-                    f"{self.hsm.description}; delete it and generate a new one",
-                ) from None
+            key = self._look_up(rec, self.hsm.get_key, "backend key")
             with self._keys_lock:
                 self._keys[rec.backend_id] = key
         return key
 
+    def _look_up(self, rec: KeyRecord, lookup: Callable[..., _K], what: str) -> _K:
+        """``lookup(key_id=...)`` of a record's backend key; 404 if the token lost it."""
+        try:
+            return lookup(key_id=rec.backend_id)
+        except KeyNotFound:
+            raise ApiError(
+                404,
+                f"key {rec.id} is registered but its {what} is gone from "
+                f"{self.hsm.description}; delete it and generate a new one",
+            ) from None
+
     def forget_key(self, backend_id: str) -> None:
         with self._keys_lock:
             self._keys.pop(backend_id, None)
+            self._secrets.pop(backend_id, None)
 
-    def create_key(self, rec: KeyRecord, make: Callable[[str], Key]) -> bool:
+    def secret_key(self, rec: KeyRecord) -> SecretKey:
+        """The AES key behind a Generic key's record (looked up once, then cached)."""
+        key = self._secrets.get(rec.backend_id)
+        if key is None:
+            key = self._look_up(rec, self.hsm.get_secret_key, "AES key")
+            with self._keys_lock:
+                self._secrets[rec.backend_id] = key
+        return key
+
+    def create_key(self, rec: KeyRecord, make: Callable[[str], Key | SecretKey]) -> bool:
         """Create a key two-phase; False if its id is taken.
 
         The ``pending`` record (owned by this replica) is committed first, so a
@@ -301,7 +325,10 @@ class Bridge:
                 "retry the request"
             )
         with self._keys_lock:
-            self._keys[rec.backend_id] = key
+            if isinstance(key, Key):
+                self._keys[rec.backend_id] = key
+            else:
+                self._secrets[rec.backend_id] = key
         return True
 
     def delete_key(self, rec: KeyRecord) -> None:
@@ -310,6 +337,13 @@ class Bridge:
             raise not_found(f"key {rec.id}")  # another request deleted or moved it meanwhile
         self.destroy_backend_key(rec.backend_id)
         self.store.remove_key(rec.id, rec.backend_id)
+
+    def delete_namespace(self, namespace: str) -> None:
+        """Delete a namespace and every key in it (its users stay, as on the appliance)."""
+        for rec in self.store.list_keys():
+            if namespaces.namespace_of(rec.id) == namespace:
+                self.delete_key(rec)
+        self.store.remove_namespace(namespace)
 
     def check_tags(self, user: UserRecord | None, rec: KeyRecord) -> None:
         """An operator may use a tagged key only if it shares one of its tags."""
@@ -334,6 +368,8 @@ class Bridge:
         self.forget_key(backend_id)
         with contextlib.suppress(KeyNotFound):
             self.hsm.get_key(key_id=backend_id).delete()
+        with contextlib.suppress(KeyNotFound):  # a Generic key's AES key
+            self.hsm.get_secret_key(key_id=backend_id).delete()
 
     def reconcile(self) -> None:
         """Finish or undo key creations and deletions that a dead replica left unfinished.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 from asn1crypto import csr as asn1_csr
@@ -74,8 +75,33 @@ def _general_names(sans: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+def check_dn(body: dict[str, Any]) -> dict[str, Any]:
+    """A DistinguishedName request body with every member of the right type (else 400)."""
+    for name, value in body.items():
+        if name == "subjectAltNames":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise bad_request("subjectAltNames must be a list of strings")
+        elif not isinstance(value, str):
+            raise bad_request(f"{name} must be a string")
+    return body
+
+
 def build_csr(key: Key, dn: dict[str, Any]) -> str:
     """A PEM CSR for ``key`` with the subject ``dn`` (NetHSM DistinguishedName)."""
+    if isinstance(key.spec, EC):
+        hash_name = key.spec.curve_info.hash_name
+        algorithm, mech = f"{hash_name}_ecdsa", f"ecdsa-{hash_name}"
+    elif isinstance(key.spec, Ed25519):  # RFC 8410: pure EdDSA over the request info
+        algorithm = mech = "ed25519"
+    else:
+        algorithm, mech = "sha256_rsa", "rsa-pkcs1-sha256"
+    return signed_csr(key.public_key_der(), dn, algorithm, lambda tbs: key.sign(tbs, mech))
+
+
+def signed_csr(
+    public_key_der: bytes, dn: dict[str, Any], algorithm: str, sign: Callable[[bytes], bytes]
+) -> str:
+    """A PEM CSR for a public key, its request info signed by ``sign`` with ``algorithm``."""
     check_subject(dn)
     subject = {DN_FIELDS[k]: v for k, v in dn.items() if k in DN_FIELDS and v != ""}
     if "common_name" not in subject:
@@ -95,26 +121,18 @@ def build_csr(key: Key, dn: dict[str, Any]) -> str:
             {
                 "version": "v1",
                 "subject": name,
-                "subject_pk_info": asn1_keys.PublicKeyInfo.load(key.public_key_der()),
+                "subject_pk_info": asn1_keys.PublicKeyInfo.load(public_key_der),
                 "attributes": attributes,
             }
         )
         tbs = info.dump()
     except (ValueError, TypeError) as exc:
         raise bad_request(f"cannot encode the distinguished name: {exc}") from None
-    if isinstance(key.spec, EC):
-        hash_name = key.spec.curve_info.hash_name
-        algorithm, mech = f"{hash_name}_ecdsa", f"ecdsa-{hash_name}"
-    elif isinstance(key.spec, Ed25519):  # RFC 8410: pure EdDSA over the request info
-        algorithm = mech = "ed25519"
-    else:
-        algorithm, mech = "sha256_rsa", "rsa-pkcs1-sha256"
-    signature = key.sign(tbs, mech)
     request = asn1_csr.CertificationRequest(
         {
             "certification_request_info": info,
             "signature_algorithm": {"algorithm": algorithm},
-            "signature": signature,
+            "signature": sign(tbs),
         }
     )
     return bytes(pem.armor("CERTIFICATE REQUEST", request.dump())).decode("ascii")

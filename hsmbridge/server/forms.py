@@ -1,8 +1,8 @@
 """multipart/form-data bodies, parsed from bytes already read under the body limit.
 
-Only the routes that take forms (PEM key import) parse them, in a request
-thread: the body was read and size-capped like any other, so parsing can
-neither read more nor spool to disk.
+Only the routes that take forms (PEM key import, restore) parse them, in a
+request thread: the body was read and size-capped like any other, so parsing
+can neither read more nor spool to disk.
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from .errors import ApiError, bad_request
 from .limits import DEFAULT, Limits
 
+#: parts of a restore upload kept as bytes: the SDK sends the backup without a filename
+BACKUP_FIELDS = ("backup_file",)
+
 
 def is_multipart(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
 
 
 def parse_multipart(
-    content_type: str, body: bytes, limits: Limits = DEFAULT
+    content_type: str, body: bytes, limits: Limits = DEFAULT, binary: tuple[str, ...] = ()
 ) -> dict[str, str | bytes]:
-    """Field name -> value (bytes for parts with a filename, else text); 400 if malformed."""
+    """Field name -> value (bytes for parts with a filename or named in ``binary``, else
+    text); 400 if malformed."""
     try:  # a header is latin-1 on the wire; anything else did not come from one
         _, params = parse_options_header(content_type.encode("latin-1"))
     except UnicodeEncodeError:
@@ -66,7 +70,7 @@ def parse_multipart(
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
         },
-        max_size=limits.max_body,
+        max_size=max(limits.max_body, limits.max_backup_body),
     )
     try:
         parser.write(body)
@@ -83,7 +87,8 @@ def parse_multipart(
             raise bad_request('every form part needs a Content-Disposition with a "name"')
         try:
             key = name.decode("utf-8")
-            form[key] = bytes(data) if b"filename" in options else data.decode("utf-8")
+            raw = b"filename" in options or key in binary
+            form[key] = bytes(data) if raw else data.decode("utf-8")
         except UnicodeDecodeError:
             raise bad_request(f"form field {name[:40]!r} is not UTF-8 text") from None
     return form

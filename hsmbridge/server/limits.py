@@ -48,6 +48,8 @@ class Limits:
     max_body: int = 2 * 1024 * 1024
     #: bytes of a body on the unauthenticated routes (/provision, /unlock)
     max_public_body: int = 64 * 1024
+    #: bytes of a backup upload (/system/restore; public only while Unprovisioned)
+    max_backup_body: int = 2 * 1024 * 1024
     #: seconds from the end of a request's headers to the end of its body
     body_timeout: float = 30.0
     #: seconds a connection answered before its body was read lingers, so the client

@@ -10,6 +10,7 @@ pinning. The state directory is private (:mod:`.statedir`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -17,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from ..errors import ConfigurationError
 from . import statedir, tls
 from .app import build_app
 from .bridge import Bridge
+from .control import REBOOT, Control
 from .limits import DEFAULT, Limits
 
 log = logging.getLogger("hsmbridge.server")
@@ -36,6 +39,8 @@ log = logging.getLogger("hsmbridge.server")
 DEFAULT_THREADS = 64
 #: file descriptors kept for everything but client connections (database, token, threads)
 _RESERVED_FDS = 256
+#: seconds an idle connection gets to answer TLS close_notify at shutdown before it is cut
+IDLE_CLOSE_GRACE = 0.2
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -87,23 +92,32 @@ def _tls_files(
     return tls.ensure_self_signed(state_dir, names)
 
 
-def _uvicorn_config(app: Any, cert: Path, key: Path, limits: Limits, **kw: Any) -> Any:
-    """uvicorn over :class:`.connections.ConnectionGuard` (which does TLS itself)."""
-    import uvicorn
-
+def _connections() -> Any:
     try:
-        from .connections import ConnectionGuard, server_ssl_context
+        from . import connections
     except ImportError as exc:  # httptools is in the server extra
         raise ConfigurationError(
             f"hsmbridge serve needs the server extra (pip install 'hsmbridge[server]'): {exc}"
         ) from None
+    return connections
+
+
+def _ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server's TLS context (the TLS endpoints load a new identity into it)."""
     try:
-        context = server_ssl_context(str(cert), str(key))
+        context: ssl.SSLContext = _connections().server_ssl_context(str(cert), str(key))
     except (OSError, ValueError) as exc:
         raise ConfigurationError(
             f"cannot load the TLS certificate {cert} and key {key}: {exc}"
         ) from None
-    guard = ConnectionGuard(limits, context)
+    return context
+
+
+def _uvicorn_config(app: Any, context: ssl.SSLContext, limits: Limits, **kw: Any) -> Any:
+    """uvicorn over :class:`.connections.ConnectionGuard` (which does TLS itself)."""
+    import uvicorn
+
+    guard = _connections().ConnectionGuard(limits, context)
     return uvicorn.Config(
         app,
         http=cast(Any, guard.protocol),
@@ -153,10 +167,15 @@ def configure_logging() -> None:
 
 
 def _graceful_server(config: Any) -> Any:
-    """A uvicorn server whose SIGTERM/SIGINT end ``run()`` normally.
+    """A uvicorn server that stops at once and lets ``serve()`` clean up.
 
     uvicorn re-raises the signal after its graceful shutdown, which would kill
-    the process before ``serve()`` closes the database and the HSM session.
+    the process before ``serve()`` closes the database and the HSM session;
+    here SIGTERM/SIGINT end ``run()`` normally. And an idle keep-alive TLS
+    connection would hold the shutdown for the whole graceful limit: closing
+    it sends TLS close_notify and waits for the client's, which an idle client
+    never sends. So idle connections are aborted right after the close_notify
+    went out, and a restart takes a fraction of a second.
     """
     import uvicorn
 
@@ -174,7 +193,34 @@ def _graceful_server(config: Any) -> Any:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            loop = asyncio.get_running_loop()
+            abort = loop.call_later(IDLE_CLOSE_GRACE, self._abort_idle)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                abort.cancel()
+
+        def _abort_idle(self) -> None:
+            for connection in list(self.server_state.connections):
+                cycle = getattr(connection, "cycle", None)
+                transport = getattr(connection, "transport", None)
+                if transport is not None and (cycle is None or cycle.response_complete):
+                    transport.abort()
+
     return Server(config)
+
+
+def _attach(bridge: Bridge, server: Any, context: ssl.SSLContext, key: Path) -> None:
+    """Give the bridge's handlers their hooks into ``server`` and its TLS ``context``."""
+
+    def stop(action: str) -> None:
+        server.should_exit = True
+
+    def reload_tls(cert: Path, key: Path) -> None:
+        context.load_cert_chain(str(cert), str(key))  # new handshakes use it
+
+    bridge.control = Control(tls_key=key, stop=stop, reload_tls=reload_tls)
 
 
 def serve(
@@ -219,26 +265,42 @@ def serve(
         sock.close()
         raise
     try:
-        bridge = Bridge(hsm, state, cert, limits, database)
-    except BaseException:
-        sock.close()
-        hsm.close()
-        raise
-    try:
-        print(f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True)
-        print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
-        print(f"state: {bridge.state} ({bridge.store.description})", flush=True)
-        config = _uvicorn_config(build_app(bridge, threads), cert, key, limits)
-        _graceful_server(config).run(sockets=[sock])
+        while True:  # once, and again after each reboot or factory reset
+            try:
+                bridge = Bridge(hsm, state, cert, limits, database)
+            except BaseException:
+                sock.close()
+                raise
+            try:
+                print(
+                    f"hsmbridge serve: https://{listen}/api/v1 over {hsm.description}", flush=True
+                )
+                print(f"TLS certificate {cert} fingerprint {tls.fingerprint(cert)}", flush=True)
+                print(f"state: {bridge.state} ({bridge.store.description})", flush=True)
+                context = _ssl_context(cert, key)
+                config = _uvicorn_config(build_app(bridge, threads), context, limits)
+                server = _graceful_server(config)
+                _attach(bridge, server, context, key)
+                server.run(sockets=[sock])
+            finally:
+                bridge.close()
+            if bridge.control.action != REBOOT:
+                break
+            print("hsmbridge serve: restarting", flush=True)
+            cert, key = _tls_files(state, tls_cert, tls_key, host)  # new after a factory reset
+            sock = _bind(host, port)  # uvicorn closed the old one
         print("hsmbridge serve: stopped", flush=True)
     finally:
-        bridge.close()
         hsm.close()
 
 
 @dataclass
 class RunningServer:
-    """A server started by :func:`start_in_thread`; ``stop()`` ends it."""
+    """A server started by :func:`start_in_thread`; ``stop()`` ends it.
+
+    After a reboot or factory reset through the API, ``bridge``, ``cert`` and
+    ``fingerprint`` are the new ones (a factory reset makes a new certificate).
+    """
 
     bridge: Bridge
     host: str
@@ -246,7 +308,7 @@ class RunningServer:
     cert: Path
     fingerprint: str
     _server: Any
-    _thread: threading.Thread
+    _thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -258,10 +320,25 @@ class RunningServer:
         """``host:port`` — what the ``nethsm`` SDK takes as its host."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 15.0) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout)
+        self.bridge.control.action = None  # no restart after this stop
+        if self._thread is not None:
+            self._thread.join(timeout)
         self.bridge.close()
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Wait until the current server accepts connections (after start or a reboot)."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            if self._server.started:
+                return
+            time.sleep(0.02)
+        raise ConfigurationError(f"the bridge server did not start within {timeout}s")
 
 
 def start_in_thread(
@@ -283,25 +360,41 @@ def start_in_thread(
     opened with ``max_sessions`` >= ``threads``). Returns once the server
     accepts connections.
     """
-    import uvicorn
-
     state = _state_dir(state_dir)
-    cert, key = _tls_files(state, tls_cert, tls_key, host)
     sock = _bind(host, port)
-    bridge = Bridge(hsm, state, cert, limits, database)
     bound_port = sock.getsockname()[1]
-    config = _uvicorn_config(build_app(bridge, threads), cert, key, limits, graceful=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="hsmbridge-serve", daemon=True
+
+    def make() -> tuple[Bridge, Any, Path]:
+        cert, key = _tls_files(state, tls_cert, tls_key, host)
+        bridge = Bridge(hsm, state, cert, limits, database)
+        context = _ssl_context(cert, key)
+        config = _uvicorn_config(build_app(bridge, threads), context, limits, graceful=1)
+        server = _graceful_server(config)
+        _attach(bridge, server, context, key)
+        return bridge, server, cert
+
+    bridge, server, cert = make()
+    running = RunningServer(bridge, host, bound_port, cert, tls.fingerprint(cert), server)
+
+    def loop(sock: socket.socket) -> None:
+        while True:
+            running._server.run(sockets=[sock])
+            if running.bridge.control.action != REBOOT:
+                return
+            running.bridge.close()
+            sock = _bind(host, bound_port)  # uvicorn closed the old one
+            running.bridge, running._server, running.cert = make()
+            running.fingerprint = tls.fingerprint(running.cert)
+
+    running._thread = threading.Thread(
+        target=loop, args=(sock,), name="hsmbridge-serve", daemon=True
     )
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while thread.is_alive() and not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not server.started:
+    running._thread.start()
+    try:
+        running.wait_started(startup_timeout)
+    except ConfigurationError:
         server.should_exit = True
-        thread.join(5)
+        running._thread.join(5)
         bridge.close()
-        raise ConfigurationError(f"the bridge server did not start within {startup_timeout}s")
-    return RunningServer(bridge, host, bound_port, cert, tls.fingerprint(cert), server, thread)
+        raise
+    return running

@@ -77,6 +77,13 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE keys ADD COLUMN owner TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        3,
+        "namespaces",
+        """
+        CREATE TABLE namespaces (id TEXT PRIMARY KEY);
+        """,
+    ),
 )
 
 #: Seconds without a heartbeat after which a replica's unfinished keys are cleaned up.
@@ -184,6 +191,8 @@ class Store(ABC):
         self._caching = True
         #: called with (client, user) when another replica saw a failed login
         self.on_failed_login: Callable[[str, str], None] | None = None
+        #: committed write transactions since this store was opened (metric ``kv write``)
+        self.writes = 0
 
     # -- engine --------------------------------------------------------------------
 
@@ -246,6 +255,7 @@ class Store(ABC):
                 with self._begin() as tx:
                     yield tx
                     self._notify(tx, "changed")
+                self.writes += 1
             finally:
                 self.invalidate()
 
@@ -607,6 +617,91 @@ class Store(ABC):
                     "UPDATE keys SET operations = operations + ? WHERE backend_id=?",
                     [(n, b) for b, n in pending.items()],
                 )
+
+    # -- namespaces ----------------------------------------------------------------
+
+    def list_namespaces(self) -> list[str]:
+        with self._lock:
+            return [r["id"] for r in self._query("SELECT id FROM namespaces ORDER BY id")]
+
+    def namespace_exists(self, namespace: str) -> bool:
+        with self._lock:
+            return bool(self._query("SELECT 1 FROM namespaces WHERE id=?", (namespace,)))
+
+    def add_namespace(self, namespace: str) -> bool:
+        """Create a namespace; False (and nothing written) if it exists."""
+        with self.transaction() as tx:
+            return Store.put_namespace(tx, namespace)
+
+    def remove_namespace(self, namespace: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM namespaces WHERE id=?", (namespace,))
+
+    @staticmethod
+    def put_namespace(tx: Tx, namespace: str) -> bool:
+        cursor = tx.execute(
+            "INSERT INTO namespaces(id) VALUES(?) ON CONFLICT(id) DO NOTHING", (namespace,)
+        )
+        return cursor.rowcount == 1
+
+    # -- factory reset and restore ---------------------------------------------------
+
+    def all_keys(self) -> list[KeyRecord]:
+        """Every key record, whatever its status or owner (for a factory reset)."""
+        with self._lock:
+            return [_key(r) for r in self._query("SELECT * FROM keys ORDER BY id")]
+
+    def wipe(self) -> None:
+        """Forget everything: settings, users, namespaces, key records (a factory reset).
+
+        The replica list and the schema stay: they are the deployment, not its state.
+        """
+        with self._lock:
+            self._ops.clear()
+            with self.transaction() as tx:
+                for table in ("settings", "users", "keys", "namespaces"):
+                    tx.execute(f"DELETE FROM {table}")
+
+    def restore(
+        self,
+        settings: dict[str, str],
+        users: list[UserRecord],
+        keys: list[KeyRecord],
+        namespaces: list[str],
+        *,
+        expected: str | None,
+        state: str,
+    ) -> bool:
+        """Add (or replace) restored settings, users, key records and namespaces, and move
+        to ``state``, in one transaction.
+
+        ``expected`` None restores onto an unprovisioned store and provisions it (as
+        :meth:`provision`); else the state must still be ``expected``. False (nothing
+        written) if another request or replica changed the state first.
+        """
+        with self.transaction() as tx:
+            if expected is None:
+                cursor = tx.execute(
+                    "INSERT INTO settings(name, value) VALUES('provisioned', '1') "
+                    "ON CONFLICT(name) DO NOTHING"
+                )
+            else:
+                cursor = tx.execute(
+                    "UPDATE settings SET value=? WHERE name='state' AND value=?", (state, expected)
+                )
+            if cursor.rowcount != 1:
+                return False
+            for name, value in settings.items():
+                Store.set_setting(tx, name, value)
+            Store.set_setting(tx, "state", state)
+            for user in users:
+                Store.put_user(tx, user)
+            for ns in namespaces:
+                Store.put_namespace(tx, ns)
+            for rec in keys:
+                tx.execute("DELETE FROM keys WHERE id=? OR backend_id=?", (rec.id, rec.backend_id))
+                Store.put_key(tx, rec)  # a new row: with the backup's operation count
+            return True
 
     def total_operations(self) -> int:
         with self._lock:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError
@@ -25,12 +26,21 @@ CERT_NAME = "tls-cert.pem"
 KEY_NAME = "tls-key.pem"
 
 
+TlsPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
 def ensure_self_signed(state_dir: Path, extra_names: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """(cert, key) paths in ``state_dir``, created on first use and reused after."""
     cert_path, key_path = state_dir / CERT_NAME, state_dir / KEY_NAME
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
+    install(state_dir, self_signed(key, extra_names), key)
+    return cert_path, key_path
+
+
+def self_signed(key: TlsPrivateKey, extra_names: tuple[str, ...] = ()) -> bytes:
+    """A PEM self-signed CA certificate for ``key`` naming this host (ten years)."""
     hostname = socket.gethostname()
     dns = sorted({"localhost", hostname, *(n for n in extra_names if not _is_ip(n))})
     ips = sorted({"127.0.0.1", "::1", *(n for n in extra_names if _is_ip(n))})
@@ -75,14 +85,34 @@ def ensure_self_signed(state_dir: Path, extra_names: tuple[str, ...] = ()) -> tu
         )
         .sign(key, hashes.SHA256())
     )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def install(state_dir: Path, cert_pem: bytes, key: TlsPrivateKey) -> tuple[Path, Path]:
+    """Write the key and its certificate into ``state_dir`` (mode 0600), each atomically."""
+    cert_path, key_path = state_dir / CERT_NAME, state_dir / KEY_NAME
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_private(key_path, key_pem)
-    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    _write(key_path, key_pem)
+    _write(cert_path, cert_pem)
     return cert_path, key_path
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Mode 0600 and atomic: a restart never reads half a key or certificate."""
+    tmp = path.with_name(path.name + ".new")
+    write_private(tmp, data)
+    os.replace(tmp, path)
+
+
+def load_key(key_path: Path) -> TlsPrivateKey:
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(f"{key_path} holds neither an RSA nor an EC key")
+    return key
 
 
 def _is_ip(name: str) -> bool:
