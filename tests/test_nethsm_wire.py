@@ -1,0 +1,182 @@
+"""The NetHSM client's own HTTP/1.1 over TLS (hsmbridge/nethsm/wire.py), against a scripted
+TLS server on loopback: keep-alive reuse, chunked and 1xx answers, closed and stale
+connections, and a state-changing request that still goes out exactly once."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from nethsm_fixtures import make_certificate
+
+import hsmbridge
+from hsmbridge.errors import HSMUnavailable
+from hsmbridge.nethsm import NetHSM
+from hsmbridge.nethsm.errors import ADMINISTRATOR, ANY_USER, Call
+from hsmbridge.nethsm.wire import Wires, client_context
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted answer; ``None`` closes the connection
+    after reading the request, ``close_after`` closes it after answering."""
+
+    def __init__(self, cert: Path, key: Path, answers: list[bytes | None], close_after: bool):
+        self.answers = list(answers)
+        self.close_after = close_after
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request)
+        self.connections = 0
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(cert), str(key))
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(raw, self.connections)).start()
+
+    def _handle(self, raw: socket.socket, number: int) -> None:
+        raw.settimeout(5)
+        with self._context.wrap_socket(raw, server_side=True) as conn:
+            buffer = b""
+            while self.answers:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                self.requests.append((number, head + b"\r\n\r\n" + rest[:length]))
+                buffer = rest[length:]
+                answer = self.answers.pop(0)
+                if answer is None:
+                    return
+                conn.sendall(answer)
+                if self.close_after:
+                    return
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    return make_certificate(tmp_path_factory.mktemp("wire"))
+
+
+def _wires(server: ScriptedServer, fingerprint: str, maxsize: int = 4) -> Wires:
+    context = client_context(True, None, fingerprint)
+    return Wires("127.0.0.1", server.port, context, fingerprint, maxsize)
+
+
+TIMEOUT = (2.0, 2.0)
+
+
+def test_keep_alive_chunked_and_informational_answers(
+    certificate: tuple[Path, Path, str],
+) -> None:
+    cert, key, fingerprint = certificate
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"a"\r\n3;ext=1\r\n:1}\r\n0\r\nX-Trailer: t\r\n\r\n'
+    )
+    informational = b"HTTP/1.1 100 Continue\r\n\r\n" + (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n"
+    )
+    with ScriptedServer(cert, key, [OK, chunked, informational, OK], close_after=False) as server:
+        wires = _wires(server, fingerprint)
+        assert wires.request("GET", "/api/v1/keys", {}, None, TIMEOUT) == (200, b"{}", None)
+        assert wires.request("GET", "/x", {}, None, TIMEOUT) == (200, b'{"a":1}', None)
+        assert wires.request("POST", "/y", {}, b"{}", TIMEOUT) == (429, b"", "3")
+        assert wires.request("GET", "/keys/a b", {"Accept": "*/*"}, None, TIMEOUT)[0] == 200
+        wires.close()
+    assert server.connections == 1 and wires.opened == 1  # one keep-alive connection for all
+    last = server.requests[-1][1]
+    assert last.startswith(b"GET /keys/a%20b HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"\r\nAccept: */*\r\n" in last
+    assert server.requests[2][1].endswith(b"Content-Length: 2\r\n\r\n{}")
+
+
+def test_connection_close_answers_are_not_reused(certificate: tuple[Path, Path, str]) -> None:
+    cert, key, fingerprint = certificate
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
+    until_eof = b"HTTP/1.0 200 OK\r\n\r\nall of it"
+    with ScriptedServer(cert, key, [close, until_eof, OK], close_after=True) as server:
+        wires = _wires(server, fingerprint)
+        assert wires.request("GET", "/a", {}, None, TIMEOUT)[1] == b"{}"
+        assert wires.request("GET", "/b", {}, None, TIMEOUT)[1] == b"all of it"
+        assert wires.request("GET", "/c", {}, None, TIMEOUT)[1] == b"{}"
+        wires.close()
+    assert [n for n, _ in server.requests] == [1, 2, 3]
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_used(
+    certificate: tuple[Path, Path, str],
+) -> None:
+    """The server closes each keep-alive connection after one answer without saying so:
+    a delete (never repeated) still goes out once, on a new connection, and succeeds."""
+    cert, key, fingerprint = certificate
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    with ScriptedServer(cert, key, [OK, no_content], close_after=True) as server:
+        hsm = hsmbridge.open(
+            f"nethsm://admin@127.0.0.1:{server.port}", password="admin-pass",
+            fingerprint=fingerprint, retries=0,
+        )  # fmt: skip
+        assert isinstance(hsm, NetHSM)
+        assert hsm._get("/keys", _list_call()) == {}
+        threading.Event().wait(0.2)  # the server's close reaches the idle connection
+        hsm.client.request("DELETE", "/keys/k1", _delete_call(), hsm._cred("Administrator"))
+        hsm.close()
+    assert [n for n, _ in server.requests] == [1, 2]
+    assert server.requests[1][1].startswith(b"DELETE /api/v1/keys/k1 HTTP/1.1\r\n")
+
+
+def test_an_answer_cut_short_is_an_error_and_the_connection_is_dropped(
+    certificate: tuple[Path, Path, str],
+) -> None:
+    cert, key, fingerprint = certificate
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"
+    with ScriptedServer(cert, key, [short, None], close_after=True) as server:
+        hsm = hsmbridge.open(
+            f"nethsm://admin@127.0.0.1:{server.port}", password="admin-pass",
+            fingerprint=fingerprint, retries=1, backoff=0.01,
+        )  # fmt: skip
+        assert isinstance(hsm, NetHSM)
+        with pytest.raises(HSMUnavailable, match="cannot reach"):
+            hsm._get("/keys", _list_call())
+        hsm.close()
+    assert len(server.requests) == 2  # a safe read: sent again once, on a new connection
+    assert hsm.client.instances[0].wires.opened == 2
+
+
+def _list_call() -> Call:
+    return Call("listing keys", ANY_USER, safe=True)
+
+
+def _delete_call() -> Call:
+    return Call("deleting key 'k1'", ADMINISTRATOR, safe=False, key_id="k1")
