@@ -11,6 +11,7 @@ modes take, and what PKCS#11's raw ``CKM_RSA_PKCS``/``CKM_RSA_PKCS_PSS``/
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ class Mechanism(enum.StrEnum):
     def __str__(self) -> str:
         return self.value
 
-    @property
+    # Cached: signing requests read these several times each (members are singletons).
+    @functools.cached_property
     def family(self) -> str:
         """``pkcs1``, ``pss``, ``ecdsa``, ``eddsa``, ``oaep`` or ``pkcs1-decrypt``."""
         if self is Mechanism.RSA_PKCS1:
@@ -59,7 +61,7 @@ class Mechanism(enum.StrEnum):
             return "eddsa"
         return self.value.split("-")[1] if self.value.startswith("rsa-") else "ecdsa"
 
-    @property
+    @functools.cached_property
     def hash_name(self) -> str | None:
         """hashlib name of the hash the client applies; None for raw PKCS#1 decryption
         and for EdDSA (whose input is the message itself)."""
@@ -67,16 +69,16 @@ class Mechanism(enum.StrEnum):
             return None
         return self.value.rsplit("-", 1)[1]
 
-    @property
+    @functools.cached_property
     def digest_size(self) -> int:
         assert self.hash_name is not None
         return hashlib.new(self.hash_name).digest_size
 
-    @property
+    @functools.cached_property
     def is_sign(self) -> bool:
         return self.family in ("pkcs1", "pss", "ecdsa", "eddsa")
 
-    @property
+    @functools.cached_property
     def key_type(self) -> str:
         """``rsa``, ``ec`` or ``ed25519``: the key type this mechanism needs."""
         return _KEY_TYPES.get(self.family, "rsa")

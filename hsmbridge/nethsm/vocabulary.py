@@ -247,9 +247,16 @@ def mode_for(mech: Mechanism) -> tuple[str, str]:
     return _MODES[mech]
 
 
+#: (mode, is a sign mode) -> hsmbridge mechanisms, in _MODES order (one lookup per request)
+_MECHANISMS_OF_MODE: dict[tuple[str, bool], tuple[Mechanism, ...]] = {}
+for _mech, (_, _mode) in _MODES.items():
+    _key = (_mode, _mech.is_sign)
+    _MECHANISMS_OF_MODE[_key] = (*_MECHANISMS_OF_MODE.get(_key, ()), _mech)
+
+
 def mechanisms_of_mode(mode: str, *, sign: bool) -> list[Mechanism]:
     """The hsmbridge mechanisms whose token operation is NetHSM's ``mode`` (may be empty)."""
-    return [m for m, (_, m_mode) in _MODES.items() if m_mode == mode and m.is_sign == sign]
+    return list(_MECHANISMS_OF_MODE.get((mode, sign), ()))
 
 
 def offered_mechanisms(spec: KeySpec, key_mechanisms: Iterable[str], *, sign: bool) -> list[str]:
