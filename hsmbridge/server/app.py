@@ -29,7 +29,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -53,6 +52,7 @@ from .bridge import LOCKED, OPERATIONAL, UNPROVISIONED, Bridge, Req
 from .connections import client_key
 from .errors import ApiError, from_hsm_error, not_implemented
 from .state import UserRecord
+from .workers import Workers
 
 log = logging.getLogger("hsmbridge.server")
 
@@ -361,6 +361,14 @@ def _base_url(scope: Scope) -> str:
     return str(base).rstrip("/") + PREFIX
 
 
+def _query(raw: bytes) -> dict[str, str]:
+    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
+
+
+#: distinct base URLs remembered (see BridgeApp._base_url)
+MAX_BASE_URLS = 16
+
+
 class BridgeApp:
     """The ASGI app: lifespan (operation-count flushing) and the API's HTTP requests."""
 
@@ -372,7 +380,9 @@ class BridgeApp:
         self.limits = bridge.limits
         #: requests admitted and not yet answered (read on the event loop only)
         self.requests = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers: Workers | None = None
+        #: base URLs by (scheme, server, root path, Host header); a few entries at most
+        self._base_urls: dict[tuple[Any, ...], str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -381,8 +391,18 @@ class BridgeApp:
             await self._lifespan(receive, send)
 
     async def _in_thread(self, func: Callable[..., Any], *args: Any) -> Any:
-        assert self._pool is not None, "the app serves requests only inside its lifespan"
-        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+        assert self._workers is not None, "the app serves requests only inside its lifespan"
+        return await self._workers.run(func, *args)
+
+    def _base_url(self, scope: Scope, headers: Headers) -> str:
+        """:func:`_base_url`, remembered for the few (scheme, server, Host) a server sees."""
+        key = (scope["scheme"], scope.get("server"), scope.get("root_path"), headers.get("host"))
+        url = self._base_urls.get(key)
+        if url is None:
+            url = _base_url(scope)
+            if len(self._base_urls) < MAX_BASE_URLS:  # Host is the client's to choose
+                self._base_urls[key] = url
+        return url
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -434,11 +454,11 @@ class BridgeApp:
         req = Req(
             method=method,
             path=params,
-            query=dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)),
+            query=_query(scope["query_string"]),
             headers=headers,
             body=body,
             client=who,
-            base_url=_base_url(scope),
+            base_url=self._base_url(scope, headers),
             user=user,
         )
         response: Response = await self._in_thread(dispatch, self.bridge, op, req)
@@ -466,7 +486,7 @@ class BridgeApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hsmbridge-req")
+                self._workers = Workers(self.threads, "hsmbridge-req")
                 flusher = asyncio.create_task(self._flush_periodically())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -476,8 +496,8 @@ class BridgeApp:
                         await flusher
                 with contextlib.suppress(Exception):
                     await self._in_thread(self.bridge.store.flush_operations)
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
+                if self._workers is not None:
+                    self._workers.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
