@@ -5,81 +5,53 @@ connections, and a state-changing request that still goes out exactly once."""
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 from pathlib import Path
 
 import pytest
-from nethsm_fixtures import make_certificate
+from nethsm_fixtures import RecordingTLSServer, _request_length, make_certificate
 
 import hsmbridge
 from hsmbridge.errors import HSMUnavailable
 from hsmbridge.nethsm import NetHSM
-from hsmbridge.nethsm.errors import ADMINISTRATOR, ANY_USER, Call
+from hsmbridge.nethsm.errors import ADMINISTRATOR, ANY_USER, Answer, Call
 from hsmbridge.nethsm.wire import Wires, client_context
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
 
-class ScriptedServer:
-    """Answers each request with the next scripted answer; ``None`` closes the connection
-    after reading the request, ``close_after`` closes it after answering."""
+class ScriptedServer(RecordingTLSServer):
+    """Keeps each connection open and answers each request with the next scripted
+    answer; ``None`` closes the connection after reading the request,
+    ``close_after`` closes it after answering."""
 
     def __init__(self, cert: Path, key: Path, answers: list[bytes | None], close_after: bool):
+        super().__init__(cert, key)
         self.answers = list(answers)
         self.close_after = close_after
-        self.requests: list[tuple[int, bytes]] = []  # (connection number, request)
+        self.requests_seen: list[tuple[int, bytes]] = []  # (connection number, request)
         self.connections = 0
-        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._context.load_cert_chain(str(cert), str(key))
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._sock.settimeout(0.2)
-        self.port: int = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> ScriptedServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw, _ = self._sock.accept()
-            except OSError:
-                continue
+    def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
             self.connections += 1
-            threading.Thread(target=self._handle, args=(raw, self.connections)).start()
-
-    def _handle(self, raw: socket.socket, number: int) -> None:
-        raw.settimeout(5)
-        with self._context.wrap_socket(raw, server_side=True) as conn:
+            number = self.connections
+        conn.settimeout(5)
+        with self._context.wrap_socket(conn, server_side=True) as tls:
             buffer = b""
             while self.answers:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
+                while b"\r\n\r\n" not in buffer or len(buffer) < _request_length(buffer):
+                    data = tls.recv(65536)
                     if not data:
                         return
                     buffer += data
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
-                while len(rest) < length:
-                    rest += conn.recv(65536)
-                self.requests.append((number, head + b"\r\n\r\n" + rest[:length]))
-                buffer = rest[length:]
+                size = _request_length(buffer)
+                self.requests_seen.append((number, buffer[:size]))
+                buffer = buffer[size:]
                 answer = self.answers.pop(0)
                 if answer is None:
                     return
-                conn.sendall(answer)
+                tls.sendall(answer)
                 if self.close_after:
                     return
 
@@ -110,16 +82,18 @@ def test_keep_alive_chunked_and_informational_answers(
     )
     with ScriptedServer(cert, key, [OK, chunked, informational, OK], close_after=False) as server:
         wires = _wires(server, fingerprint)
-        assert wires.request("GET", "/api/v1/keys", {}, None, TIMEOUT) == (200, b"{}", None)
-        assert wires.request("GET", "/x", {}, None, TIMEOUT) == (200, b'{"a":1}', None)
-        assert wires.request("POST", "/y", {}, b"{}", TIMEOUT) == (429, b"", "3")
-        assert wires.request("GET", "/keys/a b", {"Accept": "*/*"}, None, TIMEOUT)[0] == 200
+        assert wires.request("GET", "/api/v1/keys", {}, None, TIMEOUT) == Answer(200, b"{}")
+        assert wires.request("GET", "/x", {}, None, TIMEOUT) == Answer(200, b'{"a":1}')
+        assert wires.request("POST", "/y", {}, b"{}", TIMEOUT) == Answer(
+            429, b"", {"retry-after": "3"}
+        )
+        assert wires.request("GET", "/keys/a b", {"Accept": "*/*"}, None, TIMEOUT).status == 200
         wires.close()
     assert server.connections == 1 and wires.opened == 1  # one keep-alive connection for all
-    last = server.requests[-1][1]
+    last = server.requests_seen[-1][1]
     assert last.startswith(b"GET /keys/a%20b HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nAccept: */*\r\n" in last
-    assert server.requests[2][1].endswith(b"Content-Length: 2\r\n\r\n{}")
+    assert server.requests_seen[2][1].endswith(b"Content-Length: 2\r\n\r\n{}")
 
 
 def test_connection_close_answers_are_not_reused(certificate: tuple[Path, Path, str]) -> None:
@@ -128,11 +102,11 @@ def test_connection_close_answers_are_not_reused(certificate: tuple[Path, Path, 
     until_eof = b"HTTP/1.0 200 OK\r\n\r\nall of it"
     with ScriptedServer(cert, key, [close, until_eof, OK], close_after=True) as server:
         wires = _wires(server, fingerprint)
-        assert wires.request("GET", "/a", {}, None, TIMEOUT)[1] == b"{}"
-        assert wires.request("GET", "/b", {}, None, TIMEOUT)[1] == b"all of it"
-        assert wires.request("GET", "/c", {}, None, TIMEOUT)[1] == b"{}"
+        assert wires.request("GET", "/a", {}, None, TIMEOUT).data == b"{}"
+        assert wires.request("GET", "/b", {}, None, TIMEOUT).data == b"all of it"
+        assert wires.request("GET", "/c", {}, None, TIMEOUT).data == b"{}"
         wires.close()
-    assert [n for n, _ in server.requests] == [1, 2, 3]
+    assert [n for n, _ in server.requests_seen] == [1, 2, 3]
 
 
 def test_a_connection_the_server_closed_while_idle_is_not_used(
@@ -152,8 +126,8 @@ def test_a_connection_the_server_closed_while_idle_is_not_used(
         threading.Event().wait(0.2)  # the server's close reaches the idle connection
         hsm.client.request("DELETE", "/keys/k1", _delete_call(), hsm._cred("Administrator"))
         hsm.close()
-    assert [n for n, _ in server.requests] == [1, 2]
-    assert server.requests[1][1].startswith(b"DELETE /api/v1/keys/k1 HTTP/1.1\r\n")
+    assert [n for n, _ in server.requests_seen] == [1, 2]
+    assert server.requests_seen[1][1].startswith(b"DELETE /api/v1/keys/k1 HTTP/1.1\r\n")
 
 
 def test_an_answer_cut_short_is_an_error_and_the_connection_is_dropped(
@@ -170,7 +144,7 @@ def test_an_answer_cut_short_is_an_error_and_the_connection_is_dropped(
         with pytest.raises(HSMUnavailable, match="cannot reach"):
             hsm._get("/keys", _list_call())
         hsm.close()
-    assert len(server.requests) == 2  # a safe read: sent again once, on a new connection
+    assert len(server.requests_seen) == 2  # a safe read: sent again once, on a new connection
     assert hsm.client.instances[0].wires.opened == 2
 
 

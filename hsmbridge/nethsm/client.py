@@ -125,19 +125,6 @@ class Instance:
         self.suspect = False
         self.probe_lock = threading.Lock()
 
-    def urlopen(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes | None,
-        timeout: tuple[float, float],
-    ) -> Answer:
-        status, data, retry_after = self.wires.request(
-            method, PREFIX + path, headers, body, timeout
-        )
-        return Answer(status, data, {"retry-after": retry_after} if retry_after else {})
-
     def close(self) -> None:
         self.wires.close()
 
@@ -214,7 +201,12 @@ class Client:
             timeout = (self.timeout[0], min(self.timeout[1], 5.0))
             headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
             try:  # a public endpoint: no credentials
-                ready = inst.urlopen("GET", "/health/ready", headers, None, timeout).status == 200
+                ready = (
+                    inst.wires.request(
+                        "GET", PREFIX + "/health/ready", headers, None, timeout
+                    ).status
+                    == 200
+                )
             except (u3.HTTPError, OSError):
                 ready = False
             if ready:
@@ -282,7 +274,7 @@ class Client:
             inst = self._pick()
             self._count("requests")
             try:
-                answer = inst.urlopen(method, path, headers, data, self.timeout)
+                answer = inst.wires.request(method, PREFIX + path, headers, data, self.timeout)
             except (u3.HTTPError, OSError) as exc:
                 error = from_transport(exc, call, where=inst.where)
                 if tls_refused(exc):

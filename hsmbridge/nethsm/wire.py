@@ -30,6 +30,8 @@ from urllib.parse import quote
 
 import urllib3.exceptions as u3
 
+from .errors import Answer
+
 #: Longest status line or header line read (as http.client).
 MAX_LINE = 65536
 #: Most header lines in an answer.
@@ -183,8 +185,8 @@ class Wires:
         headers: dict[str, str],
         body: bytes | None,
         timeout: tuple[float, float],
-    ) -> tuple[int, bytes, str | None]:
-        """One request on a pooled (or new) connection: (status, body, Retry-After)."""
+    ) -> Answer:
+        """One request on a pooled (or new) connection (``target`` is the whole path)."""
         lines = [f"{method} {quote(target, safe=_TARGET_SAFE)} HTTP/1.1", f"Host: {self.authority}"]
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         if body is not None or method in ("POST", "PUT"):
@@ -211,7 +213,7 @@ class Wires:
             self._idle.append(wire)
         else:
             wire.close()
-        return status, data, retry_after
+        return Answer(status, data, {"retry-after": retry_after} if retry_after else {})
 
     def _take(self, timeout: tuple[float, float]) -> Wire:
         while True:
