@@ -11,8 +11,14 @@ Contenders, measured side by side in every round:
 - ``server-clients``: ``CLIENTS`` threads, each with its own keep-alive
   ``requests.Session``, posting to ``hsmbridge serve`` running as its own
   process (so it does not share the clients' GIL, as an appliance would not);
+- ``server-nethsm-batch``: ``sign_batch`` / ``decrypt_batch`` of hsmbridge's
+  NetHSM backend on the same server (12 keep-alive connections, its own
+  HTTP/1.1 client: a fraction of ``requests``' CPU per request, which on a
+  2-core machine is CPU the server and the token do not get);
 - ``pkcs11-direct``: ``sign_batch`` / ``decrypt_batch`` on the same token key
   through hsmbridge's PKCS#11 backend in this process.
+
+The contenders run in alternating order (reversed every other round).
 
 Run::
 
@@ -22,13 +28,14 @@ Run::
 ``HSMBRIDGE_SERVER_BENCH_COUNT`` (default 600) operations per contender and
 round, ``HSMBRIDGE_SERVER_BENCH_ROUNDS`` (default 3), and
 ``HSMBRIDGE_SERVER_BENCH_CLIENTS`` (default 16). Ops/s are medians over rounds;
-the server/direct ratio (median of per-round ratios) is printed and stored in
+the server/direct ratios (median of per-round ratios) are printed and stored in
 ``extra_info``.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import statistics
@@ -72,6 +79,7 @@ class Served:
     key_id: str
     public: rsa.RSAPublicKey
     direct: hsmbridge.Key
+    over_nethsm: hsmbridge.Key  # the same key through hsmbridge's NetHSM backend
     pid: int  # of the server process
 
 
@@ -94,6 +102,7 @@ def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url, cert = f"https://127.0.0.1:{port}/api/v1", state / "s" / "tls-cert.pem"
     direct_hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin)
+    stack = contextlib.ExitStack()
     try:
         wait_ready(url, cert, process, log)
         with _session(cert, ADMIN) as s:
@@ -116,10 +125,15 @@ def served(softhsm_token: SoftToken, tmp_path_factory: pytest.TempPathFactory) -
         assert direct.public_key_der() == public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        yield Served(url, cert, key_id, public, direct, process.pid)
+        over_nethsm = stack.enter_context(
+            hsmbridge.open(f"nethsm://operator@127.0.0.1:{port}", password=OPERATOR[1],
+                           ca=str(cert))
+        ).get_key(key_id)  # fmt: skip
+        yield Served(url, cert, key_id, public, direct, over_nethsm, process.pid)
         with _session(cert, ADMIN) as s:
             s.delete(f"{url}/keys/{key_id}", timeout=30)
     finally:
+        stack.close()
         direct_hsm.close()
         process.terminate()  # SIGTERM: uvicorn shuts down gracefully
         process.wait(30)
@@ -151,18 +165,25 @@ def _measure(
     check: Callable[[list[bytes]], None],
 ) -> None:  # fmt: skip
     ops: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
 
     def one_round() -> None:
-        for name, run in runners.items():
+        for name in order:
             start = time.perf_counter()
-            results = run()
+            results = runners[name]()
             elapsed = time.perf_counter() - start
             check(results)
             ops[name].append(len(results) / elapsed)
+        order.reverse()
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     n = len(ops["server-clients"])
-    ratio = statistics.median(ops["server-clients"][i] / ops["pkcs11-direct"][i] for i in range(n))
+
+    def over_direct(name: str) -> float:
+        return statistics.median(ops[name][i] / ops["pkcs11-direct"][i] for i in range(n))
+
+    ratio = over_direct("server-clients")
+    batch_ratio = over_direct("server-nethsm-batch")
     medians = {name: round(statistics.median(v), 1) for name, v in ops.items()}
     benchmark.extra_info.update(
         {
@@ -172,12 +193,14 @@ def _measure(
             "clients": CLIENTS,
             "ops_per_s": medians,
             "ratio_server_vs_direct": round(ratio, 3),
+            "ratio_nethsm_batch_vs_direct": round(batch_ratio, 3),
             "machine": f"{os.cpu_count()} cores",
         }
     )
     print(
         f"\n{workload}: server {medians['server-clients']} ops/s with {CLIENTS} clients, "
-        f"direct PKCS#11 {medians['pkcs11-direct']} ops/s, ratio {ratio:.3f}"
+        f"{medians['server-nethsm-batch']} ops/s with hsmbridge's NetHSM batch, "
+        f"direct PKCS#11 {medians['pkcs11-direct']} ops/s; ratios {ratio:.3f}, {batch_ratio:.3f}"
     )
 
 
@@ -196,6 +219,9 @@ def test_rsa2048_pkcs1_sign_throughput(benchmark: Any, served: Served) -> None:
         "rsa2048 PKCS1 (sha256) sign",
         {
             "server-clients": lambda: _over_server(served, "sign", bodies, "signature"),
+            "server-nethsm-batch": lambda: served.over_nethsm.sign_batch(
+                messages, "rsa-pkcs1-sha256"
+            ),
             "pkcs11-direct": lambda: served.direct.sign_batch(messages, "rsa-pkcs1-sha256"),
         },
         check,
@@ -215,6 +241,7 @@ def test_rsa2048_oaep_sha1_decrypt_throughput(benchmark: Any, served: Served) ->
         "rsa2048 OAEP_SHA1 decrypt",
         {
             "server-clients": lambda: _over_server(served, "decrypt", bodies, "decrypted"),
+            "server-nethsm-batch": lambda: served.over_nethsm.decrypt_batch(cts, "rsa-oaep-sha1"),
             "pkcs11-direct": lambda: served.direct.decrypt_batch(cts, "rsa-oaep-sha1"),
         },
         check,

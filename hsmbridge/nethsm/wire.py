@@ -66,11 +66,12 @@ class Wire:
 
     def dropped(self) -> bool:
         """Whether an idle connection was closed by the server (readable while idle)."""
+        poller = select.poll()  # not select(): descriptors above 1023 are fine
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def exchange(
         self, head: bytes, body: bytes | None, no_body: bool, read_timeout: float
