@@ -377,7 +377,7 @@ def decrypt(b: Bridge, req: Req) -> Response:
         iv = keys.unb64(body.get("iv"), "iv")
         plain = aes.decrypt_cbc(keys.unb64(body["encrypted"], "encrypted"), iv)
         b.store.count_operation(rec)
-        return JSONResponse({"decrypted": keys.b64(plain)})
+        return _base64_answer(b"decrypted", plain)
     key = _key_pair(b, rec)
     data = keys.unb64(body["encrypted"], "encrypted")
     plaintext = keys.decrypt(key, rec.id, list(rec.mechanisms), str(body["mode"]), data)
