@@ -201,12 +201,8 @@ class Client:
             timeout = (self.timeout[0], min(self.timeout[1], 5.0))
             headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
             try:  # a public endpoint: no credentials
-                ready = (
-                    inst.wires.request(
-                        "GET", PREFIX + "/health/ready", headers, None, timeout
-                    ).status
-                    == 200
-                )
+                answer = inst.wires.request("GET", PREFIX + "/health/ready", headers, None, timeout)
+                ready = answer.status == 200
             except (u3.HTTPError, OSError):
                 ready = False
             if ready:
