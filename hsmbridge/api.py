@@ -37,6 +37,7 @@ from .errors import (
     MechanismNotSupported,
 )
 from .mechanisms import (
+    RAW_USAGE,
     Mechanism,
     check_key_type,
     check_signature_format,
@@ -51,8 +52,9 @@ if TYPE_CHECKING:
     from .crypto_keys import HSMPrivateKey
     from .rings import KeyRing, KeyVersion, RingStore
 
-#: the two things a key can be made for
-USAGES: frozenset[str] = frozenset({"sign", "decrypt"})
+#: what a key can be made for: signing, decryption with padding, or raw RSA
+#: decryption (alone: see :func:`normalize_usage`)
+USAGES: frozenset[str] = frozenset({"sign", "decrypt", RAW_USAGE})
 #: what the engine hook does with its items
 Op = Literal["sign", "decrypt"]
 #: one engine result: the output, the item's error, or None (never attempted:
@@ -174,18 +176,45 @@ def normalize_usage(usage: Iterable[str] | str | None, spec: KeySpec) -> frozens
         items = set(usage)
     else:
         raise InvalidInput(
-            f"usage must be 'sign', 'decrypt' or a set of them, not {type(usage).__name__}"
+            f"usage must be 'sign', 'decrypt', '{RAW_USAGE}' or a set of them, "
+            f"not {type(usage).__name__}"
         )
     unknown = items - USAGES
     if unknown or not items:
         raise InvalidInput(
-            f"usage must be a non-empty subset of {{'sign', 'decrypt'}}, got {sorted(items)!r}"
+            f"usage must be a non-empty subset of {{'sign', 'decrypt'}}, or {{'{RAW_USAGE}'}}, "
+            f"got {sorted(items)!r}"
         )
-    if spec.key_type != "rsa" and "decrypt" in items:
+    if spec.key_type != "rsa" and items - {"sign"}:
         raise InvalidInput(
-            f"{spec.key_type.upper()} keys cannot decrypt; use an RSA key for usage 'decrypt'"
+            f"{spec.key_type.upper()} keys cannot decrypt; use an RSA key for usage "
+            f"{sorted(items - {'sign'})[0]!r}"
+        )
+    if RAW_USAGE in items and len(items) > 1:
+        raise InvalidInput(
+            f"usage '{RAW_USAGE}' stands alone: raw RSA decryption is the private-key "
+            "operation itself, so on a key that also signs or decrypts with padding it would "
+            "forge that key's signatures and strip the padding of its ciphertexts; make one "
+            f"key with usage={{'{RAW_USAGE}'}} and another for {sorted(items - {RAW_USAGE})}"
         )
     return frozenset(items)
+
+
+def require_usage(info: KeyInfo, mech: Mechanism) -> None:
+    """What every backend's engine checks first: the key was made for ``mech``'s usage."""
+    if mech.usage in info.usage:
+        return
+    if mech.usage == RAW_USAGE:
+        raise InvalidInput(
+            f"key {info.label!r} was not made for raw decryption (its usage is "
+            f"{sorted(info.usage)}): {mech.value} is the RSA private-key operation itself, "
+            "which signs anything and strips any padding, so it runs only on a key made for "
+            f"it alone; generate a key with usage={{'{RAW_USAGE}'}}"
+        )
+    raise InvalidInput(
+        f"key {info.label!r} was not made for {mech.usage} (its usage is "
+        f"{sorted(info.usage)}); generate a key with usage={{'{mech.usage}'}}"
+    )
 
 
 def check_new_key(spec: KeySpec, label: str, usage: Iterable[str] | str | None) -> frozenset[str]:
@@ -562,7 +591,7 @@ class Key(abc.ABC):
         ``rsa-pkcs1`` (PKCS#1 v1.5) needs ``allow_pkcs1v15=True``: see :func:`_check_decrypt`.
         """
         mech = self._check_decrypt(mechanism, allow_pkcs1v15)
-        data = self._ciphertext(ciphertext)
+        data = self._ciphertexts(mech)(ciphertext)
         return _only(self._run("decrypt", mech, [data], **_ONE, ecdsa_format="der"))
 
     def _check(self, mechanism: str | Mechanism, *, sign: bool) -> Mechanism:
@@ -581,6 +610,10 @@ class Key(abc.ABC):
         with bad padding lets an attacker decrypt or sign with the key. OAEP
         is the default everywhere; a caller whose partner can only encrypt
         with v1.5 must say so on every call.
+
+        Raw RSA (``rsa-raw``) is gated at the key instead: it runs only on a key
+        made for it alone (usage ``decrypt-raw``, see :func:`normalize_usage`),
+        which the token itself keeps to it (docs/design.md, "Raw RSA decryption").
         """
         mech = self._check(mechanism, sign=False)
         if mech is Mechanism.RSA_PKCS1 and allow_pkcs1v15 is not True:
@@ -590,6 +623,36 @@ class Key(abc.ABC):
                 "can only encrypt with PKCS#1 v1.5"
             )
         return mech
+
+    def _ciphertexts(self, mech: Mechanism) -> Callable[[object], bytes]:
+        """The check of ``mech``'s ciphertexts: :meth:`_ciphertext`, and for raw RSA
+        the modulus-length block of an integer below the modulus.
+
+        Raw decryption has no padding to fail, so checking the integer here (the
+        modulus is public) reveals nothing and spares tokens that answer it with a
+        bare CKR_GENERAL_ERROR (SoftHSM2), as they answer a block shorter than
+        the modulus.
+        """
+        if mech is not Mechanism.RSA_RAW:
+            return self._ciphertext
+        require_usage(self.info, mech)  # before reading the key, as the engine would
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        public = self.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)  # check_key_type: an RSA key
+        modulus = public.public_numbers().n
+        size = (modulus.bit_length() + 7) // 8
+
+        def block(ct: object) -> bytes:
+            data = self._ciphertext(ct)
+            if int.from_bytes(data, "big") >= modulus:
+                raise InvalidInput(
+                    f"the ciphertext is not below key {self.label!r}'s modulus; raw RSA "
+                    "decrypts integers 0 <= c < n (was it made for another key?)"
+                )
+            return data.rjust(size, b"\0")
+
+        return block
 
     def _ciphertext(self, ct: object) -> bytes:
         """A ciphertext as bytes, no longer than the RSA modulus."""
@@ -641,7 +704,7 @@ class Key(abc.ABC):
     ) -> list[Any]:
         """Decrypt many ciphertexts in parallel; results in input order (see sign_batch)."""
         mech = self._check_decrypt(mechanism, allow_pkcs1v15)
-        items = _prepare_all(ciphertexts, self._ciphertext, return_exceptions)
+        items = _prepare_all(ciphertexts, self._ciphertexts(mech), return_exceptions)
         return self._run_batch("decrypt", mech, items, threads, return_exceptions, "der")
 
     def _run_batch(

@@ -47,6 +47,7 @@ class Mechanism(enum.StrEnum):
     RSA_OAEP_SHA384 = "rsa-oaep-sha384"
     RSA_OAEP_SHA512 = "rsa-oaep-sha512"
     RSA_PKCS1 = "rsa-pkcs1"
+    RSA_RAW = "rsa-raw"
 
     def __str__(self) -> str:
         return self.value
@@ -54,18 +55,20 @@ class Mechanism(enum.StrEnum):
     # Cached: signing requests read these several times each (members are singletons).
     @functools.cached_property
     def family(self) -> str:
-        """``pkcs1``, ``pss``, ``ecdsa``, ``eddsa``, ``oaep`` or ``pkcs1-decrypt``."""
+        """``pkcs1``, ``pss``, ``ecdsa``, ``eddsa``, ``oaep``, ``pkcs1-decrypt`` or ``raw``."""
         if self is Mechanism.RSA_PKCS1:
             return "pkcs1-decrypt"
+        if self is Mechanism.RSA_RAW:
+            return "raw"
         if self is Mechanism.ED25519:
             return "eddsa"
         return self.value.split("-")[1] if self.value.startswith("rsa-") else "ecdsa"
 
     @functools.cached_property
     def hash_name(self) -> str | None:
-        """hashlib name of the hash the client applies; None for raw PKCS#1 decryption
-        and for EdDSA (whose input is the message itself)."""
-        if self is Mechanism.RSA_PKCS1 or self is Mechanism.ED25519:
+        """hashlib name of the hash the client applies; None for decryption without a
+        hash (PKCS#1 v1.5, raw) and for EdDSA (whose input is the message itself)."""
+        if self in (Mechanism.RSA_PKCS1, Mechanism.RSA_RAW, Mechanism.ED25519):
             return None
         return self.value.rsplit("-", 1)[1]
 
@@ -79,10 +82,22 @@ class Mechanism(enum.StrEnum):
         return self.family in ("pkcs1", "pss", "ecdsa", "eddsa")
 
     @functools.cached_property
+    def usage(self) -> str:
+        """The key usage this mechanism needs: ``sign``, ``decrypt``, or ``decrypt-raw``
+        for raw RSA decryption, which only a key made for it alone does (see
+        :func:`hsmbridge.api.normalize_usage`)."""
+        if self is Mechanism.RSA_RAW:
+            return RAW_USAGE
+        return "sign" if self.is_sign else "decrypt"
+
+    @functools.cached_property
     def key_type(self) -> str:
         """``rsa``, ``ec`` or ``ed25519``: the key type this mechanism needs."""
         return _KEY_TYPES.get(self.family, "rsa")
 
+
+#: the usage of a key made for raw RSA decryption (and nothing else)
+RAW_USAGE = "decrypt-raw"
 
 #: mechanism family -> key type, for the families that are not RSA's
 _KEY_TYPES = {"ecdsa": "ec", "eddsa": "ed25519"}

@@ -265,7 +265,7 @@ def test_unknown_mechanism(rsa_key: Key) -> None:
     with raises(MechanismNotSupported, match="rsa-pkcs1-sha256"):
         rsa_key.sign(PLAINTEXT, "rsa-md5")
     with raises(MechanismNotSupported, match="rsa-oaep-sha1"):
-        rsa_key.decrypt(encrypt(rsa_key, Mechanism.RSA_PKCS1), "rsa-raw")
+        rsa_key.decrypt(encrypt(rsa_key, Mechanism.RSA_PKCS1), "rsa-x509")
     with raises(MechanismNotSupported):
         rsa_key.sign(PLAINTEXT, "rsa-oaep-sha256")
 

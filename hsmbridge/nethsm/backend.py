@@ -28,6 +28,7 @@ from ..api import (
     check_expires_in,
     check_lookup,
     check_new_key,
+    require_usage,
 )
 from ..batch import Operation, run_batch
 from ..errors import (
@@ -507,11 +508,7 @@ class NetHSMKey(Key):
         return [m for m in allowed if m not in refused]
 
     def _check_usage(self, op: Literal["sign", "decrypt"], mech: Mechanism) -> str:
-        if op not in self.info.usage:
-            raise InvalidInput(
-                f"key {self.label!r} was not made for {op} (its usage is "
-                f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
-            )
+        require_usage(self.info, mech)
         needed, mode = vocabulary.mode_for(mech)
         if needed not in self.mechanisms:
             offered = self._offers(op, mech)

@@ -20,7 +20,7 @@ from .. import curves
 from ..api import EC, RSA, Ed25519, KeySpec, curve_spec
 from ..errors import HSMError, InvalidInput
 from ..export import int_to_bytes
-from ..mechanisms import Mechanism
+from ..mechanisms import RAW_USAGE, Mechanism
 
 #: NetHSM key IDs (``components/schemas/ID`` in the OpenAPI spec).
 KEY_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
@@ -105,6 +105,7 @@ _MODES: dict[Mechanism, tuple[str, str]] = {
     Mechanism.RSA_OAEP_SHA384: ("RSA_Decryption_OAEP_SHA384", "OAEP_SHA384"),
     Mechanism.RSA_OAEP_SHA512: ("RSA_Decryption_OAEP_SHA512", "OAEP_SHA512"),
     Mechanism.RSA_PKCS1: ("RSA_Decryption_PKCS1", "PKCS1"),
+    Mechanism.RSA_RAW: ("RSA_Decryption_RAW", "RAW"),
 }
 
 
@@ -192,17 +193,20 @@ def mechanisms_for(spec: KeySpec, usage: Iterable[str]) -> list[str]:
     needed = (
         key_mechanism
         for mech, (key_mechanism, _) in _MODES.items()
-        if mech.key_type == spec.key_type and ("sign" if mech.is_sign else "decrypt") in uses
+        if mech.key_type == spec.key_type and mech.usage in uses
     )
     return list(dict.fromkeys(needed))
 
 
 def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
-    """hsmbridge usage of a key from its NetHSM mechanisms."""
+    """hsmbridge usage of a key from its NetHSM mechanisms (``RSA_Decryption_RAW``: the
+    usage of raw decryption)."""
     uses = set()
     for m in mechanisms:
         if "_Signature" in m:
             uses.add("sign")
+        elif m == _MODES[Mechanism.RSA_RAW][0]:
+            uses.add(RAW_USAGE)
         elif m.startswith("RSA_Decryption_"):
             uses.add("decrypt")
     return frozenset(uses)
@@ -210,7 +214,7 @@ def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
 
 def performable(key_type: str, offered: Iterable[Mechanism]) -> list[str]:
     """The NetHSM key mechanisms of ``key_type`` that some ``offered`` hsmbridge mechanism
-    performs (RAW decryption and the PSS/OAEP hashes hsmbridge lacks: none does)."""
+    performs (the PSS/OAEP hashes hsmbridge lacks: none does)."""
     can = {key_mechanism for m, (key_mechanism, _) in _MODES.items() if m in set(offered)}
     return [m for m in KEY_MECHANISMS[_family(key_type)] if m in can]
 

@@ -35,7 +35,7 @@ from ..errors import (
     KeyExists,
     KeyNotFound,
 )
-from ..mechanisms import Mechanism
+from ..mechanisms import RAW_USAGE, Mechanism
 from ..rings import expiry_of, expiry_validity
 from ..uri import Pkcs11URI, parse_pkcs11_uri
 from . import certs, ec, lookup, rsa, secret
@@ -230,6 +230,9 @@ class Pkcs11HSM(HSM):
                         template[Attribute.END_DATE] = day_of(not_after)
                 return create(session, public_t, private_t)
 
+            raw = RAW_USAGE in usage
+            if raw:  # refused up front where the token has no CKM_RSA_X_509
+                self.capabilities.require(Mechanism.RSA_RAW)
             try:
                 priv = generate_with_templates(
                     dated,
@@ -239,7 +242,10 @@ class Pkcs11HSM(HSM):
                     allowed_mechanisms(spec, usage),
                     self.profile.templates,
                     what=what,
+                    needs_allowed=raw,
                 )
+                if raw:
+                    lookup.check_kept_to_raw(priv, what)
             except Exception:
                 if lifetime is not None:
                     with contextlib.suppress(Exception):
@@ -425,8 +431,4 @@ TWIN_RECHECK_SECONDS = 0.02
 
 def allowed_mechanisms(spec: KeySpec, usage: frozenset[str]) -> set[Any]:
     """The PKCS#11 mechanisms a key of ``spec`` made for ``usage`` may be used with."""
-    return {
-        ckm_of(m)
-        for m in Mechanism
-        if m.key_type == spec.key_type and ("sign" if m.is_sign else "decrypt") in usage
-    }
+    return {ckm_of(m) for m in Mechanism if m.key_type == spec.key_type and m.usage in usage}

@@ -99,8 +99,8 @@ class Capabilities:
             raise self.not_supported(mech)
 
     def not_supported(self, mech: Mechanism) -> MechanismNotSupported:
-        """The error for ``mech``, naming the mechanisms of its kind that work."""
-        offered = [m.value for m in self.offered() if m.is_sign == mech.is_sign]
+        """The error for ``mech``, naming the mechanisms of its kind (usage) that work."""
+        offered = [m.value for m in self.offered() if m.usage == mech.usage]
         return MechanismNotSupported(
             f"{self._description} does not support {mech.value}; it offers: "
             + (", ".join(offered) or "nothing of this kind")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
-from ..api import RSA, Key, KeyInfo, Op, Result, Validity, default_threads
+from ..api import RSA, Key, KeyInfo, Op, Result, Validity, default_threads, require_usage
 from ..batch import Operation, run_batch
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
@@ -84,11 +84,7 @@ class Pkcs11Key(Key):
         stop_on_error: bool,
         ecdsa_format: str,
     ) -> list[Result]:
-        if op not in self.info.usage:
-            raise InvalidInput(
-                f"key {self.label!r} was not made for {op} (its usage is "
-                f"{sorted(self.info.usage)}); generate a key with usage={{'{op}'}}"
-            )
+        require_usage(self.info, mech)
         self.hsm.capabilities.require(mech)
         self._follow_fork()
         der = mech.family == "ecdsa" and ecdsa_format == "der"

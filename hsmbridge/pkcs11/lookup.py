@@ -29,9 +29,11 @@ import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from ..api import RSA, KeyInfo, KeySpec
-from ..errors import AmbiguousKey, HSMError, InvalidInput, KeyNotFound
+from ..errors import AmbiguousKey, HSMError, InvalidInput, KeyNotFound, MechanismNotSupported
+from ..mechanisms import DECRYPT_MECHANISMS, RAW_USAGE, Mechanism
 from . import ec, rsa
 from .errormap import SESSION_BROKEN, translate
+from .templates import unpack_mechanisms
 
 #: What a listing reads from each private key (absent ones are left out).
 PRIVATE_FIELDS = (
@@ -40,6 +42,7 @@ PRIVATE_FIELDS = (
     Attribute.KEY_TYPE,
     Attribute.SIGN,
     Attribute.DECRYPT,
+    Attribute.ALLOWED_MECHANISMS,
     Attribute.MODULUS,
     Attribute.EC_PARAMS,
 )
@@ -53,6 +56,7 @@ IDENTITY_FIELDS = (
     Attribute.KEY_TYPE,
     Attribute.SIGN,
     Attribute.DECRYPT,
+    Attribute.ALLOWED_MECHANISMS,
 )
 #: What get_key's search reads: both of the above.
 LOOKUP_FIELDS = tuple(dict.fromkeys((*PRIVATE_FIELDS, *IDENTITY_FIELDS)))
@@ -216,14 +220,58 @@ def info_of(key: PrivateKey, public: Mapping[Attribute, Any] | None = None) -> K
     """The KeyInfo of a private key; ``public``: its public half's attributes, for
     EC keys whose private object lacks CKA_EC_PARAMS."""
     spec = _spec(key, public)
-    usage = {
-        name
-        for name, attr in (("sign", Attribute.SIGN), ("decrypt", Attribute.DECRYPT))
-        if key.attrs.get(attr, False)
-    }
-    if not isinstance(spec, RSA):  # SoftHSM2 defaults CKA_DECRYPT to true on curve keys
-        usage.discard("decrypt")
+    usage = set()
+    if key.attrs.get(Attribute.SIGN, False):
+        usage.add("sign")
+    # SoftHSM2 defaults CKA_DECRYPT to true on curve keys
+    if isinstance(spec, RSA) and key.attrs.get(Attribute.DECRYPT, False):
+        usage |= _decrypt_usages(key.attrs.get(Attribute.ALLOWED_MECHANISMS))
     return KeyInfo(key.label, key.id.hex(), spec, frozenset(usage))
+
+
+#: CKM of decryption with padding (CKM_RSA_PKCS, CKM_RSA_PKCS_OAEP), and of raw decryption
+_PADDED = frozenset(int(rsa.mechanism(m)[0]) for m in DECRYPT_MECHANISMS if m.usage == "decrypt")
+_RAW = int(rsa.mechanism(Mechanism.RSA_RAW)[0])
+
+
+def _allowed(value: Any) -> frozenset[int] | None:
+    """A key's CKA_ALLOWED_MECHANISMS as read (a list, or bytes through a session without
+    hsmbridge's mapper); None where it sets no limit (absent or empty)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = unpack_mechanisms(bytes(value))
+    return frozenset(int(m) for m in value) if value else None
+
+
+def _decrypt_usages(value: Any) -> set[str]:
+    """The decrypt usages of an RSA key with CKA_DECRYPT: ``decrypt`` unless its
+    CKA_ALLOWED_MECHANISMS leave out every padded decryption, and ``decrypt-raw``
+    only where they list CKM_RSA_X_509 (a key whose token sets no limit is not
+    taken as made for raw decryption)."""
+    allowed = _allowed(value)
+    if allowed is None:
+        return {"decrypt"}
+    uses = {"decrypt"} if allowed & _PADDED else set()
+    if _RAW in allowed:
+        uses.add(RAW_USAGE)
+    return uses
+
+
+def check_kept_to_raw(priv: Any, what: str) -> None:
+    """A new raw-decryption key must read back CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509];
+    a module that dropped the list gets the key destroyed and MechanismNotSupported."""
+    kept = _allowed(read(priv, (Attribute.ALLOWED_MECHANISMS,)).get(Attribute.ALLOWED_MECHANISMS))
+    if kept == frozenset({_RAW}):
+        return
+    pub = public_half(priv)
+    if pub is not priv:
+        pub.destroy()
+    priv.destroy()
+    raise MechanismNotSupported(
+        f"{what} failed: the module did not keep CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509] on "
+        "the key (it read back as "
+        f"{sorted(kept) if kept else 'no limit'}), so it would not be kept to raw decryption; "
+        "the key was destroyed"
+    )
 
 
 def info_with_public(key: PrivateKey) -> KeyInfo:

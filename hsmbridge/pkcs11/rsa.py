@@ -57,6 +57,8 @@ def mechanism(mech: Mechanism) -> tuple[CKM, Any]:
     family = mech.family
     if family == "pkcs1" or family == "pkcs1-decrypt":
         return CKM.RSA_PKCS, None
+    if family == "raw":  # RSADP alone: the modulus-length block, no parameters
+        return CKM.RSA_X_509, None
     assert mech.hash_name is not None
     hash_mech, mgf = _HASH[mech.hash_name]
     if family == "pss":

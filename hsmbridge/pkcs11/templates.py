@@ -3,8 +3,9 @@
 Nothing is left to module defaults where the module takes it. Private keys are
 token objects, private, sensitive and never extractable, and the token itself
 enforces what they are for: usage flags exactly as asked,
-``CKA_ALLOWED_MECHANISMS`` listing only the mechanisms of that usage (no raw
-``CKM_RSA_X_509``, which would turn signing into decryption),
+``CKA_ALLOWED_MECHANISMS`` listing only the mechanisms of that usage (raw
+``CKM_RSA_X_509``, the private-key operation itself, only on a key made for raw
+decryption alone, which is never made without that list),
 ``CKA_SIGN_RECOVER``/``CKA_UNWRAP``/``CKA_DERIVE`` false, not copyable (a copy
 could be made modifiable) and not modifiable (so nobody with the PIN can switch
 a sign-only key to decryption). Session-object copies (docs/design.md, fact 5)
@@ -19,7 +20,8 @@ CKA_COPYABLE. A refused template is retried with less, one step at a time
 then also without the key-separation attributes. The step a module needed is
 remembered per module (later keys start there), logged as a warning, and shown
 by ``hsmbridge info``; hsmbridge still enforces the usage asked for on the key
-handle it returns.
+handle it returns. A key for raw decryption is the exception: it is made with
+CKA_ALLOWED_MECHANISMS or not at all (``needs_allowed``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pkcs11 import Attribute
 from pkcs11 import Mechanism as CKM
 from pkcs11.attributes import AttributeMapper
 
-from ..errors import HSMError
+from ..errors import HSMError, MechanismNotSupported
+from ..mechanisms import RAW_USAGE
 from .errormap import translate
 
 log = logging.getLogger("hsmbridge.pkcs11")
@@ -52,14 +55,14 @@ def _pack_mechanisms(mechanisms: Iterable[int]) -> bytes:
     return b"".join(_ULONG.pack(int(m)) for m in mechanisms)
 
 
-def _unpack_mechanisms(data: bytes) -> list[int]:
+def unpack_mechanisms(data: bytes) -> list[int]:
     return [value for (value,) in _ULONG.iter_unpack(data)]
 
 
 #: python-pkcs11 0.10 cannot pack CKA_ALLOWED_MECHANISMS (an array of
 #: CK_MECHANISM_TYPE); sessions that create keys use this mapper, which can.
 MAPPER = AttributeMapper()
-MAPPER.register_handler(Attribute.ALLOWED_MECHANISMS, _pack_mechanisms, _unpack_mechanisms)
+MAPPER.register_handler(Attribute.ALLOWED_MECHANISMS, _pack_mechanisms, unpack_mechanisms)
 
 #: Usage attributes of each half, by hsmbridge usage (None: never asked for).
 PUBLIC_USAGE: dict[Attribute, str | None] = {
@@ -110,10 +113,16 @@ class TemplateQuirks:
     allowed_mechanisms: bool = True
 
 
+def _flag_usages(usage: frozenset[str]) -> frozenset[str]:
+    """The usages of the flags: raw decryption is decryption to CKA_DECRYPT (the
+    token's CKA_ALLOWED_MECHANISMS tell it apart)."""
+    return usage | {"decrypt"} if RAW_USAGE in usage else usage
+
+
 def _usage_flags(
     table: dict[Attribute, str | None], usage: frozenset[str], explicit_false: bool
 ) -> dict[Attribute, bool]:
-    flags = {attr: use in usage for attr, use in table.items()}
+    flags = {attr: use in _flag_usages(usage) for attr, use in table.items()}
     return flags if explicit_false else {attr: True for attr, on in flags.items() if on}
 
 
@@ -169,7 +178,7 @@ def _dropped(step: int, usage: frozenset[str]) -> str:
             f"CKA_{attr.name}"
             for table in (PUBLIC_USAGE, PRIVATE_USAGE)
             for attr, use in table.items()
-            if use not in usage
+            if use not in _flag_usages(usage)
         ]
         parts.append(", ".join(unasked) + " set false")
     if not separation:
@@ -186,16 +195,29 @@ def generate_with_templates(
     quirks: TemplateQuirks,
     *,
     what: str,
+    needs_allowed: bool = False,
 ) -> T:
     """Call ``generate(public_template, private_template)``, learning ``quirks``.
 
     Starts at the step the module is known to need; a refused template is
     retried with the next step of :data:`FALLBACKS`, and the step that worked
-    is remembered.
+    is remembered. ``needs_allowed``: only templates with CKA_ALLOWED_MECHANISMS
+    (a raw-decryption key, which the token must keep to raw decryption).
     """
     allowed = sorted(set(allowed))
     refusals: list[str] = []
-    for step in range(quirks.step, len(FALLBACKS)):
+    steps = [
+        step
+        for step in range(quirks.step, len(FALLBACKS))
+        if not needs_allowed or (FALLBACKS[step][1] and quirks.allowed_mechanisms)
+    ]
+    if not steps:
+        raise MechanismNotSupported(
+            f"{what} failed: a key for raw RSA decryption is made only with "
+            "CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509], so that the token keeps it to raw "
+            f"decryption, and this module {quirks.refused or 'mis-enforces that attribute'}"
+        )
+    for step in steps:
         explicit_false, separation = FALLBACKS[step]
         templates = key_pair_templates(
             key_id,
@@ -210,7 +232,7 @@ def generate_with_templates(
             result = generate(*templates)
         except TEMPLATE_REFUSED as exc:
             refusals.append(type(exc).__name__)
-            if step + 1 < len(FALLBACKS):
+            if step != steps[-1]:
                 continue
             raise HSMError(
                 f"{what} failed: the token refused every key template hsmbridge tries "
