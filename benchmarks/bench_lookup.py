@@ -285,13 +285,10 @@ def run(counts: Sequence[int], rounds: int, out: Path | None) -> dict[str, Any]:
         import hsmbridge
         from hsmbridge.bench import machine
         from hsmbridge.pkcs11 import Pkcs11HSM
-        from hsmbridge.pkcs11.templates import MAPPER
 
         hsm = hsmbridge.open(token.uri, pin=token.pin)
         assert isinstance(hsm, Pkcs11HSM)
-        # a plain python-pkcs11 session (the process is logged in), with the mapper that
-        # reads CKA_ALLOWED_MECHANISMS, which python-pkcs11 0.10 cannot by itself
-        session = hsm.token.open(attribute_mapper=MAPPER)
+        session = hsm.token.open()  # plain python-pkcs11 session; the process is logged in
         results = []
         filled = 0
         try:

@@ -265,6 +265,7 @@ DECRYPT_CASES = [
     pytest.param(name, mech, id=f"{name}-{mech.value}")
     for name in RSA_KEYS
     for mech in DECRYPT_MECHANISMS
+    if mech.usage == "decrypt"  # rsa-raw needs a key of its own: test_raw_decryption
 ]
 
 
@@ -302,6 +303,43 @@ def test_pkcs1v15_decryption_is_opt_in(keyring: Keyring) -> None:
             attempt()
     assert key.decrypt(ciphertext, "rsa-pkcs1", allow_pkcs1v15=True) == b"legacy"
     assert list(key.decrypt_many([ciphertext], "rsa-pkcs1", allow_pkcs1v15=True)) == [b"legacy"]
+
+
+def test_raw_decryption(hsm: HSM, keyring: Keyring, unique_label: str) -> None:
+    """rsa-raw gives RSADP's modulus-length block, only on a key made for it alone."""
+    try:
+        key = hsm.generate_key(RSA(2048), unique_label, usage="decrypt-raw")
+    except MechanismNotSupported as exc:
+        unsupported(hsm, Mechanism.RSA_RAW, exc)
+    try:
+        assert Mechanism.RSA_RAW not in gaps_of(hsm).mechanisms, "the gap table says it cannot"
+        assert key.info.usage == hsm.get_key(unique_label).info.usage == {"decrypt-raw"}
+        public = pem_public(key)
+        assert isinstance(public, rsa.RSAPublicKey)
+        n, e = public.public_numbers().n, public.public_numbers().e
+        blocks = [os.urandom(256), os.urandom(100)]  # the second: a block of leading zeros
+        blocks[0] = (int.from_bytes(blocks[0], "big") % n).to_bytes(256, "big")
+        cts = [pow(int.from_bytes(m, "big"), e, n).to_bytes(256, "big") for m in blocks]
+        assert key.decrypt(cts[1], "rsa-raw") == blocks[1].rjust(256, b"\0")
+        stripped = cts[0].lstrip(b"\0")[1:]  # a shorter integer is padded to the modulus
+        out = key.decrypt_batch([cts[0], stripped], Mechanism.RSA_RAW)
+        assert out[0] == blocks[0] and len(out[1]) == 256
+        assert pow(int.from_bytes(out[1], "big"), e, n) == int.from_bytes(stripped, "big")
+        with pytest.raises(InvalidInput, match="not below"):
+            key.decrypt(n.to_bytes(256, "big"), "rsa-raw")
+        with pytest.raises(InvalidInput, match="not made for decrypt"):
+            key.decrypt(crypto_encrypt(public, b"x", OAEP), OAEP)
+        with pytest.raises(InvalidInput, match="not made for sign"):
+            key.sign(b"x", Mechanism.RSA_PKCS1_SHA256)
+    finally:
+        key.delete()
+    with pytest.raises(InvalidInput, match="not made for raw decryption"):
+        keyring.get("rsa2048").decrypt(cts[0], "rsa-raw")
+    for usage in ({"decrypt-raw", "decrypt"}, {"decrypt-raw", "sign"}):
+        with pytest.raises(InvalidInput, match="stands alone"):
+            hsm.generate_key(RSA(2048), unique_label + "-x", usage=usage)
+    with pytest.raises(InvalidInput, match="cannot decrypt"):
+        hsm.generate_key(EC("P-256"), unique_label + "-ec", usage="decrypt-raw")
 
 
 def test_usage_is_enforced(hsm: HSM, weak_key: Key, unique_label: str) -> None:

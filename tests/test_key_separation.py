@@ -19,12 +19,12 @@ from typing import Any
 import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import Mechanism as CKM
 from test_pkcs11 import objects, tool
 
 import hsmbridge
-from hsmbridge import EC, RSA, KeyNotFound
+from hsmbridge import EC, RSA, InvalidInput, KeyNotFound
 from hsmbridge.pkcs11 import Pkcs11HSM, Pkcs11Key
 from hsmbridge.pkcs11.templates import MAPPER
 from hsmbridge.softhsm import find_softhsm_module
@@ -116,6 +116,7 @@ def test_mechanisms_outside_the_usage_are_refused(
         )
         assert isinstance(raw_call(session, obj, "sign", CKM.RSA_PKCS, b"\x30" * 51), int)
         assert isinstance(raw_call(session, obj, "sign", CKM.RSA_X_509, b"\x00" * 256), int)
+        assert isinstance(raw_call(session, obj, "decrypt", CKM.RSA_X_509, b"\x00" * 256), int)
     finally:
         key.delete()
     ec_key = pkcs11_hsm.generate_key(EC("P-256"), unique_label + "-ec")
@@ -209,3 +210,43 @@ def test_a_key_deleted_by_another_process_stops_signing_here(
     child.stdin.flush()
     assert child.stdout.readline().strip() == "refused"
     assert child.wait(timeout=60) == 0
+
+
+def test_a_raw_decryption_key_does_raw_decryption_alone(
+    session: Any, pkcs11_hsm: Pkcs11HSM, unique_label: str
+) -> None:
+    """The token itself keeps a 'decrypt-raw' key to CKM_RSA_X_509 decryption."""
+    key = pkcs11_hsm.generate_key(RSA(2048), unique_label, usage="decrypt-raw")
+    try:
+        obj = private_of(session, key)
+        assert obj[Attribute.ALLOWED_MECHANISMS] == [int(CKM.RSA_X_509)]
+        assert obj[Attribute.DECRYPT] is True and obj[Attribute.SIGN] is False
+        public = key.public_key()
+        ciphertext = public.encrypt(b"secret", padding.PKCS1v15())  # type: ignore[union-attr]
+        for op, ckm in (("decrypt", CKM.RSA_PKCS), ("decrypt", CKM.RSA_PKCS_OAEP)):
+            assert isinstance(raw_call(session, obj, op, ckm, ciphertext), int)
+        assert isinstance(raw_call(session, obj, "sign", CKM.RSA_X_509, b"\x00" * 256), int)
+        block = raw_call(session, obj, "decrypt", CKM.RSA_X_509, ciphertext)
+        assert isinstance(block, bytes) and block.endswith(b"\x00secret")
+    finally:
+        key.delete()
+
+
+def test_raw_decryption_needs_a_key_the_token_keeps_to_it(
+    session: Any, pkcs11_hsm: Pkcs11HSM, unique_label: str
+) -> None:
+    """A key another program made without CKA_ALLOWED_MECHANISMS decrypts, but not raw."""
+    public_t = {Attribute.ENCRYPT: True, Attribute.ID: os.urandom(8), Attribute.LABEL: unique_label}
+    private_t = {**public_t, Attribute.DECRYPT: True, Attribute.SIGN: False}
+    del private_t[Attribute.ENCRYPT]
+    pub, priv = session.generate_keypair(
+        KeyType.RSA, 1024, store=True, public_template=public_t, private_template=private_t
+    )
+    try:
+        key = pkcs11_hsm.get_key(unique_label)
+        assert key.info.usage == {"decrypt"}
+        with pytest.raises(InvalidInput, match="not made for raw decryption"):
+            key.decrypt(b"\x01" * 128, "rsa-raw")
+    finally:
+        pub.destroy()
+        priv.destroy()

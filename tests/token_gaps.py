@@ -46,6 +46,7 @@ _TPM_EC = (
     "'User specified and TPM specified attr mismatch'"
 )
 _TPM_RSA = "a TPM 2.0 (swtpm/libtpms) generates RSA keys up to 3072 bits"
+_NOT_KEPT = "it cannot keep a key to raw decryption, so hsmbridge makes no rsa-raw key there"
 _NO_ED25519 = "no Ed25519 in this module (no CKM_EC_EDWARDS_KEY_PAIR_GEN)"
 
 GAPS: dict[str, Gaps] = {
@@ -57,7 +58,13 @@ GAPS: dict[str, Gaps] = {
     ),
     "nethsm": SOFTHSM2,  # hsmbridge serve over SoftHSM2
     "opencryptoki": Gaps(
-        specs={"p256": _OCK_EC, "p384": _OCK_EC, "p521": _OCK_EC, "ed25519": _NO_ED25519}
+        specs={"p256": _OCK_EC, "p384": _OCK_EC, "p521": _OCK_EC, "ed25519": _NO_ED25519},
+        mechanisms={
+            Mechanism.RSA_RAW: (
+                "opencryptoki 3.8 has CKM_RSA_X_509 but, a PKCS#11 2.20 module, no "
+                f"CKA_ALLOWED_MECHANISMS (CKR_ATTRIBUTE_TYPE_INVALID): {_NOT_KEPT}"
+            )
+        },
     ),
     "tpm2": Gaps(
         specs={
@@ -75,10 +82,24 @@ GAPS: dict[str, Gaps] = {
             "tpm2-pkcs11 refuses templates that set usages false; keys get the TPM's "
             "defaults (sign and decrypt)"
         ),
+        mechanisms={
+            Mechanism.RSA_RAW: (
+                "tpm2-pkcs11 1.9 has CKM_RSA_X_509 but mis-enforces CKA_ALLOWED_MECHANISMS "
+                f"(hsmbridge leaves it out there): {_NOT_KEPT}"
+            )
+        },
         delete_after_failed_decrypt=(
             "after a failed RSA-OAEP decryption tpm2-pkcs11 1.9 keeps the key marked in "
             "use: C_DestroyObject answers CKR_FUNCTION_FAILED until the process ends"
         ),
     ),
-    "nss": Gaps(specs={"ed25519": _NO_ED25519}),
+    "nss": Gaps(
+        specs={"ed25519": _NO_ED25519},
+        mechanisms={
+            Mechanism.RSA_RAW: (
+                "NSS softokn 3.87 has CKM_RSA_X_509 but refuses CKA_ALLOWED_MECHANISMS "
+                f"(CKR_GENERAL_ERROR): {_NOT_KEPT}"
+            )
+        },
+    ),
 }

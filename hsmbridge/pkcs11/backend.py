@@ -48,7 +48,7 @@ from .profile import build_profile
 from .ringstore import Pkcs11RingStore, day_of
 from .secret import Pkcs11SecretKey
 from .slots import select_token
-from .templates import Template, generate_with_templates
+from .templates import Template, generate_with_templates, keeps_mechanisms
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -418,8 +418,10 @@ class Pkcs11HSM(HSM):
         return self.rings
 
     def supported_mechanisms(self) -> list[Mechanism]:
-        """hsmbridge mechanisms the token offers (see :class:`Capabilities`)."""
-        return self.capabilities.offered()
+        """hsmbridge mechanisms the token offers (see :class:`Capabilities`); rsa-raw only
+        where keys can be kept to it (CKA_ALLOWED_MECHANISMS, as far as known)."""
+        keeps = keeps_mechanisms(self.profile.templates)
+        return [m for m in self.capabilities.offered() if keeps or m is not Mechanism.RSA_RAW]
 
     def close(self) -> None:
         self.pool.close()

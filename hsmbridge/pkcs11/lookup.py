@@ -42,7 +42,6 @@ PRIVATE_FIELDS = (
     Attribute.KEY_TYPE,
     Attribute.SIGN,
     Attribute.DECRYPT,
-    Attribute.ALLOWED_MECHANISMS,
     Attribute.MODULUS,
     Attribute.EC_PARAMS,
 )
@@ -56,7 +55,6 @@ IDENTITY_FIELDS = (
     Attribute.KEY_TYPE,
     Attribute.SIGN,
     Attribute.DECRYPT,
-    Attribute.ALLOWED_MECHANISMS,
 )
 #: What get_key's search reads: both of the above.
 LOOKUP_FIELDS = tuple(dict.fromkeys((*PRIVATE_FIELDS, *IDENTITY_FIELDS)))
@@ -225,7 +223,7 @@ def info_of(key: PrivateKey, public: Mapping[Attribute, Any] | None = None) -> K
         usage.add("sign")
     # SoftHSM2 defaults CKA_DECRYPT to true on curve keys
     if isinstance(spec, RSA) and key.attrs.get(Attribute.DECRYPT, False):
-        usage |= _decrypt_usages(key.attrs.get(Attribute.ALLOWED_MECHANISMS))
+        usage |= _decrypt_usages(allowed_of(key.obj))
     return KeyInfo(key.label, key.id.hex(), spec, frozenset(usage))
 
 
@@ -234,20 +232,29 @@ _PADDED = frozenset(int(rsa.mechanism(m)[0]) for m in DECRYPT_MECHANISMS if m.us
 _RAW = int(rsa.mechanism(Mechanism.RSA_RAW)[0])
 
 
-def _allowed(value: Any) -> frozenset[int] | None:
-    """A key's CKA_ALLOWED_MECHANISMS as read (a list, or bytes through a session without
-    hsmbridge's mapper); None where it sets no limit (absent or empty)."""
-    if isinstance(value, (bytes, bytearray)):
+def allowed_of(obj: Any) -> frozenset[int] | None:
+    """A key's CKA_ALLOWED_MECHANISMS; None where it sets no limit (absent or empty) or
+    cannot be read.
+
+    Read on its own, for RSA keys that decrypt only, never in the bulk reads:
+    p11-kit 0.24's RPC (p11-kit-client) answers CKR_DEVICE_ERROR for a list of two
+    or more mechanisms, and CKR_FUNCTION_FAILED for a read that also asks for an
+    attribute the key lacks (measured); the session stays usable.
+    """
+    try:
+        value = obj.get_attributes([Attribute.ALLOWED_MECHANISMS]).get(Attribute.ALLOWED_MECHANISMS)
+    except p11x.PKCS11Error:
+        return None
+    if isinstance(value, (bytes, bytearray)):  # a session without hsmbridge's mapper
         value = unpack_mechanisms(bytes(value))
     return frozenset(int(m) for m in value) if value else None
 
 
-def _decrypt_usages(value: Any) -> set[str]:
+def _decrypt_usages(allowed: frozenset[int] | None) -> set[str]:
     """The decrypt usages of an RSA key with CKA_DECRYPT: ``decrypt`` unless its
     CKA_ALLOWED_MECHANISMS leave out every padded decryption, and ``decrypt-raw``
     only where they list CKM_RSA_X_509 (a key whose token sets no limit is not
     taken as made for raw decryption)."""
-    allowed = _allowed(value)
     if allowed is None:
         return {"decrypt"}
     uses = {"decrypt"} if allowed & _PADDED else set()
@@ -259,7 +266,7 @@ def _decrypt_usages(value: Any) -> set[str]:
 def check_kept_to_raw(priv: Any, what: str) -> None:
     """A new raw-decryption key must read back CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509];
     a module that dropped the list gets the key destroyed and MechanismNotSupported."""
-    kept = _allowed(read(priv, (Attribute.ALLOWED_MECHANISMS,)).get(Attribute.ALLOWED_MECHANISMS))
+    kept = allowed_of(priv)
     if kept == frozenset({_RAW}):
         return
     pub = public_half(priv)

@@ -186,6 +186,19 @@ def _dropped(step: int, usage: frozenset[str]) -> str:
     return " and ".join(parts)
 
 
+def keeps_mechanisms(quirks: TemplateQuirks) -> bool:
+    """Whether keys made on this module can be kept to their mechanisms (as far as known)."""
+    return quirks.allowed_mechanisms and FALLBACKS[quirks.step][1]
+
+
+def _no_raw_keys(what: str, why: str) -> MechanismNotSupported:
+    return MechanismNotSupported(
+        f"{what} failed: a key for raw RSA decryption (rsa-raw) is made only with "
+        "CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509], so that the token keeps it to raw "
+        f"decryption, and this module {why}; use a token that keeps keys to their mechanisms"
+    )
+
+
 def generate_with_templates(
     generate: Callable[[Template, Template], T],
     key_id: bytes,
@@ -212,11 +225,7 @@ def generate_with_templates(
         if not needs_allowed or (FALLBACKS[step][1] and quirks.allowed_mechanisms)
     ]
     if not steps:
-        raise MechanismNotSupported(
-            f"{what} failed: a key for raw RSA decryption is made only with "
-            "CKA_ALLOWED_MECHANISMS [CKM_RSA_X_509], so that the token keeps it to raw "
-            f"decryption, and this module {quirks.refused or 'mis-enforces that attribute'}"
-        )
+        raise _no_raw_keys(what, quirks.refused or "mis-enforces that attribute")
     for step in steps:
         explicit_false, separation = FALLBACKS[step]
         templates = key_pair_templates(
@@ -234,6 +243,8 @@ def generate_with_templates(
             refusals.append(type(exc).__name__)
             if step != steps[-1]:
                 continue
+            if needs_allowed:
+                raise _no_raw_keys(what, f"refused it ({', '.join(refusals)})") from None
             raise HSMError(
                 f"{what} failed: the token refused every key template hsmbridge tries "
                 f"({', '.join(refusals)}), the last one without "
