@@ -120,7 +120,7 @@ def test_generate_refuses_what_the_token_cannot_perform(
     """Refused when the key is made (400 naming what works), not at every later use."""
     offered = bridge_server.hsm.supported_mechanisms()
     assert offered is not None
-    cannot = [M.RSA_DECRYPTION_RAW, M.RSA_SIGNATURE_PSS_SHA1, M.RSA_DECRYPTION_OAEP_SHA224]
+    cannot = [M.RSA_SIGNATURE_PSS_SHA1, M.RSA_DECRYPTION_OAEP_SHA224]
     if Mechanism.RSA_OAEP_SHA256 not in offered:  # SoftHSM2 2.6
         cannot.append(M.RSA_DECRYPTION_OAEP_SHA256)
     for mech in cannot:
@@ -129,7 +129,7 @@ def test_generate_refuses_what_the_token_cannot_perform(
         message = str(info.value)
         assert f"cannot perform {mech.value};" in message, message
         works = message.split("work for RSA keys here: ")[1].strip().split(", ")
-        assert set(works) >= {m.value for m in RSA_ALL}, message
+        assert set(works) >= {m.value for m in [*RSA_ALL, M.RSA_DECRYPTION_RAW]}, message
         assert not set(works) & {m.value for m in cannot}, message
     pem = (
         rsa.generate_private_key(65537, 1024)
@@ -140,8 +140,8 @@ def test_generate_refuses_what_the_token_cannot_perform(
         )
         .decode()
     )
-    with pytest.raises(nethsm.NetHSMError, match="cannot perform RSA_Decryption_RAW"):
-        admin.add_key_pem(None, [M.RSA_DECRYPTION_RAW], pem)
+    with pytest.raises(nethsm.NetHSMError, match="cannot perform RSA_Decryption_OAEP_SHA224"):
+        admin.add_key_pem(None, [M.RSA_DECRYPTION_OAEP_SHA224], pem)
     assert len(admin.list_keys()) == len(set(admin.list_keys()))
 
 
@@ -173,6 +173,42 @@ def test_rsa_decrypt_every_mode(operator: Any, rsa2048: str) -> None:
     wrong = pub.encrypt(secret, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
     with pytest.raises(nethsm.NetHSMError, match="Bad request"):
         operator.decrypt(rsa2048, b64(wrong), nethsm.DecryptMode.PKCS1)
+
+
+def test_raw_decryption(admin: Any, operator: Any) -> None:
+    """RSA_Decryption_RAW keys (generated and imported) decrypt in mode RAW: RSADP's
+    modulus-length block; such a key does raw decryption alone."""
+    private = rsa.generate_private_key(65537, 2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    imported = admin.add_key_pem(None, [M.RSA_DECRYPTION_RAW], pem)
+    generated = admin.generate_key(nethsm.KeyType.RSA, [M.RSA_DECRYPTION_RAW], 2048)
+    try:
+        numbers = private.private_numbers()
+        d, n = numbers.d, numbers.public_numbers.n
+        ct = os.urandom(256)
+        ct = (int.from_bytes(ct, "big") % n).to_bytes(256, "big")
+        out = operator.decrypt(imported, b64(ct), nethsm.DecryptMode.RAW).decode()
+        assert out == pow(int.from_bytes(ct, "big"), d, n).to_bytes(256, "big")
+        pub = public_key(operator, generated)
+        secret = b"\x00\x02" + os.urandom(200)  # a block the client pads itself
+        ct = pow(int.from_bytes(secret, "big"), 65537, pub.public_numbers().n).to_bytes(256, "big")
+        out = operator.decrypt(generated, b64(ct), nethsm.DecryptMode.RAW).decode()
+        assert out == secret.rjust(256, b"\x00")
+        assert operator.get_key(generated).mechanisms == [M.RSA_DECRYPTION_RAW]
+        with pytest.raises(nethsm.NetHSMError, match="does not allow mode OAEP_SHA1"):
+            operator.decrypt(generated, b64(ct), nethsm.DecryptMode.OAEP_SHA1)
+        with pytest.raises(nethsm.NetHSMError, match="not below"):
+            operator.decrypt(generated, b64(b"\xff" * 256), nethsm.DecryptMode.RAW)
+    finally:
+        admin.delete_key(imported)
+        admin.delete_key(generated)
+    before = set(admin.list_keys())
+    for other in (M.RSA_DECRYPTION_OAEP_SHA1, M.RSA_SIGNATURE_PKCS1):
+        with pytest.raises(nethsm.NetHSMError, match="stands alone"):
+            admin.generate_key(nethsm.KeyType.RSA, [M.RSA_DECRYPTION_RAW, other], 2048)
+    assert set(admin.list_keys()) == before
 
 
 def test_encrypt_is_for_generic_keys_only(operator: Any, rsa2048: str) -> None:

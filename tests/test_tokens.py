@@ -489,6 +489,11 @@ def test_nss_softokn_opens_with_init_arguments(tmp_path: Path, caplog: Any) -> N
         ciphertext = crypto_encrypt(public, b"nss", Mechanism.RSA_OAEP_SHA256)
         assert key.decrypt(ciphertext, "rsa-oaep-sha256") == b"nss"
         key.delete()
+        # NSS has CKM_RSA_X_509 but cannot keep a key to it: no raw key is made there
+        with pytest.raises(hsmbridge.MechanismNotSupported, match="CKA_ALLOWED_MECHANISMS"):
+            hsm.generate_key(RSA(2048), f"nss-raw-{uuid.uuid4().hex[:6]}", usage="decrypt-raw")
+        assert Mechanism.RSA_RAW not in hsm.supported_mechanisms()
+        assert not [i for i in hsm.list_keys() if i.label.startswith("nss-raw-")]
     other = init.replace("nssdb", "elsewhere")
     with pytest.raises(hsmbridge.ConfigurationError, match="x-init-reserved"):
         hsmbridge.open(

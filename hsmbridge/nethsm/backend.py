@@ -559,6 +559,9 @@ class NetHSMKey(Key):
         field, answer_field = (
             ("message", "signature") if op == "sign" else ("encrypted", "decrypted")
         )
+        # RSADP's block is modulus-length (PKCS#11 CKM_RSA_X_509), whatever leading
+        # zeros an appliance leaves out
+        block = (spec.size + 7) // 8 if mech is Mechanism.RSA_RAW else 0
 
         def operate(data: bytes) -> bytes:
             if isinstance(spec, EC):
@@ -573,7 +576,7 @@ class NetHSMKey(Key):
             if raw_ecdsa:
                 assert isinstance(spec, EC)
                 return ecdsa_der_to_raw(out, spec.field_bytes)
-            return out
+            return out.rjust(block, b"\0")
 
         yield operate
 
