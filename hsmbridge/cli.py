@@ -124,7 +124,11 @@ def _add_ring_commands(add: Adder, common: _Parser) -> None:
     p = ring_sub.add_parser("create", help="create a ring: its first version is primary")
     p.add_argument("name")
     p.add_argument("--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|...")
-    p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")
+    p.add_argument(
+        "--usage",
+        default="sign",
+        help="comma-separated: sign,decrypt, or decrypt-raw alone (default sign)",
+    )
     p.set_defaults(run=_with_hsm(_run_ring_command), command="ring")
 
     p = add("rotate", "add a ring version; older ones work for --grace more")
@@ -271,7 +275,11 @@ def _add_keygen(add: Adder, common: _Parser) -> None:
         "--type", required=True, help="rsa:2048|rsa:3072|rsa:4096|ec:p256|ec:p384|ec:p521|ed25519"
     )
     p.add_argument("--label", required=True)
-    p.add_argument("--usage", default="sign", help="comma-separated: sign,decrypt (default sign)")
+    p.add_argument(
+        "--usage",
+        default="sign",
+        help="comma-separated: sign,decrypt, or decrypt-raw alone (default sign)",
+    )
     p.set_defaults(run=_with_hsm(cmd_keygen))
 
 
