@@ -21,7 +21,8 @@ then also without the key-separation attributes. The step a module needed is
 remembered per module (later keys start there), logged as a warning, and shown
 by ``hsmbridge info``; hsmbridge still enforces the usage asked for on the key
 handle it returns. A key for raw decryption is the exception: it is made with
-CKA_ALLOWED_MECHANISMS or not at all (``needs_allowed``).
+the full template (usages not asked for false, CKA_ALLOWED_MECHANISMS) or not
+at all (``needs_allowed``).
 """
 
 from __future__ import annotations
@@ -187,8 +188,9 @@ def _dropped(step: int, usage: frozenset[str]) -> str:
 
 
 def keeps_mechanisms(quirks: TemplateQuirks) -> bool:
-    """Whether keys made on this module can be kept to their mechanisms (as far as known)."""
-    return quirks.allowed_mechanisms and FALLBACKS[quirks.step][1]
+    """Whether keys made on this module get the full template, which keeps them to their
+    mechanisms (as far as known)."""
+    return quirks.allowed_mechanisms and quirks.step == 0
 
 
 def _no_raw_keys(what: str, why: str) -> MechanismNotSupported:
@@ -214,15 +216,16 @@ def generate_with_templates(
 
     Starts at the step the module is known to need; a refused template is
     retried with the next step of :data:`FALLBACKS`, and the step that worked
-    is remembered. ``needs_allowed``: only templates with CKA_ALLOWED_MECHANISMS
-    (a raw-decryption key, which the token must keep to raw decryption).
+    is remembered. ``needs_allowed``: only the full template, with
+    CKA_ALLOWED_MECHANISMS (a raw-decryption key, which the token must keep to
+    raw decryption, with no usage left to the module's defaults).
     """
     allowed = sorted(set(allowed))
     refusals: list[str] = []
     steps = [
         step
         for step in range(quirks.step, len(FALLBACKS))
-        if not needs_allowed or (FALLBACKS[step][1] and quirks.allowed_mechanisms)
+        if not needs_allowed or (FALLBACKS[step] == (True, True) and quirks.allowed_mechanisms)
     ]
     if not steps:
         raise _no_raw_keys(what, quirks.refused or "mis-enforces that attribute")
