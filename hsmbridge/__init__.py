@@ -32,10 +32,12 @@ from .errors import (
     MechanismNotSupported,
     ModuleLoadError,
     PermissionDenied,
+    PoolExhausted,
     RateLimited,
     TokenNotFound,
 )
 from .mechanisms import Mechanism
+from .onetime import OneTimeKey, OneTimeKeys
 from .rings import KeyRing, KeyVersion
 
 __version__ = "0.1.0"
@@ -114,7 +116,10 @@ __all__ = [
     "Mechanism",
     "MechanismNotSupported",
     "ModuleLoadError",
+    "OneTimeKey",
+    "OneTimeKeys",
     "PermissionDenied",
+    "PoolExhausted",
     "RateLimited",
     "TokenNotFound",
     "open",

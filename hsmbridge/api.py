@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
     from .crypto_keys import HSMPrivateKey
+    from .onetime import OneTimeKeys, OneTimeStore
     from .rings import KeyRing, KeyVersion, RingStore
 
 #: what a key can be made for: signing, decryption with padding, or raw RSA
@@ -1039,6 +1040,38 @@ class HSM(abc.ABC):
         from .rings import sweep
 
         return sweep(self, dry_run=dry_run)
+
+    def supported_mechanisms(self) -> list[Mechanism]:
+        """The mechanisms this HSM offers; backends that learn it from the HSM narrow this."""
+        return list(Mechanism)
+
+    # -- one-time keys (hsmbridge.onetime) ------------------------------------------------------
+
+    def one_time_store(self) -> OneTimeStore:
+        """Where this backend keeps one-time keys."""
+        raise ConfigurationError(f"{self.description} cannot keep one-time keys")
+
+    def one_time_keys(
+        self,
+        spec: KeySpec,
+        *,
+        ttl: timedelta = timedelta(minutes=15),
+        pool: int = 16,
+        signer: Any = None,
+        **options: Any,
+    ) -> OneTimeKeys:
+        """One-time decryption keys issued from a pool pre-generated in this HSM.
+
+        Each issued key decrypts once, in any process sharing the HSM, within
+        ``ttl``; ``signer`` (a key ring or any key) signs each key's context
+        JWT. Options: ``alg`` (JWE alg, default RSA-OAEP-256 where the HSM has
+        it), ``name`` (the pool, shared by processes), ``refill_threads``,
+        ``wait`` (how long issue() waits for the refill), ``context_alg``.
+        See :class:`hsmbridge.onetime.OneTimeKeys`.
+        """
+        from .onetime import OneTimeKeys
+
+        return OneTimeKeys(self, spec, ttl=ttl, pool=pool, signer=signer, **options)
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release sessions or connections. Idempotent."""

@@ -72,6 +72,10 @@ class KeyNotYetValid(HSMError):
     """The key (or a pending key-ring version) is used before its ``not_before``."""
 
 
+class PoolExhausted(HSMError):
+    """No pre-generated one-time key was ready in time: issue() outran the refill."""
+
+
 class MechanismNotSupported(HSMError):
     """The HSM or the key cannot do this mechanism (the message lists what it can)."""
 
@@ -114,6 +118,7 @@ __all__ = [
     "MechanismNotSupported",
     "ModuleLoadError",
     "PermissionDenied",
+    "PoolExhausted",
     "RateLimited",
     "TokenNotFound",
 ]

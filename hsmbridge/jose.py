@@ -40,6 +40,8 @@ __all__ = [
     "JWS_ALGS",
     "decrypt_jwe",
     "decrypt_jwe_batch",
+    "jwe_header",
+    "jws_alg_for",
     "sign_jws",
     "sign_jwt",
 ]  # fmt: skip
@@ -158,6 +160,22 @@ def sign_jwt(
     return sign_jws(key, payload, alg, headers={"typ": "JWT", **(headers or {})})
 
 
+def jws_alg_for(key: Key) -> str:
+    """The JWS ``alg`` a key (or a ring's primary) signs with by default: RS256 for RSA
+    (what payment providers' JWTs use), the ES* of an EC key's curve, EdDSA for Ed25519."""
+    spec = _signer(key).spec
+    if spec.key_type == "rsa":
+        return "RS256"
+    if spec.key_type == "ed25519":
+        return "EdDSA"
+    for alg, curve in _ES_CURVE.items():
+        if getattr(spec, "curve", None) == curve:
+            return alg
+    raise InvalidInput(
+        f"no JWS algorithm signs with a {spec} key; use RSA, P-256/384/521 or Ed25519"
+    )
+
+
 def _compact_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -245,6 +263,14 @@ def _check_header(header: Mapping[str, Any]) -> tuple[str, _Enc]:
         if unknown:
             raise InvalidInput(f"the JWE marks unknown parameters critical: {', '.join(unknown)}")
     return JWE_ALGS[str(alg)], JWE_ENCS[str(enc)]
+
+
+def jwe_header(token: str | bytes) -> dict[str, Any]:
+    """The protected header of a compact JWE, checked as :func:`decrypt_jwe` checks it
+    (``alg``, ``enc``, no ``zip``, ``crit``): read before choosing the key by ``kid``."""
+    header = _parse_jwe(token).header
+    _check_header(header)
+    return header
 
 
 def decrypt_jwe(key: Key, token: str | bytes) -> bytes:

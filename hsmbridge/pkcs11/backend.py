@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+    from .otkstore import Pkcs11OneTimeStore
+
 log = logging.getLogger("hsmbridge.pkcs11")
 
 
@@ -130,10 +132,17 @@ class Pkcs11HSM(HSM):
         key_id: str | None = None,
         not_after: datetime | None = None,
         start: datetime | None = None,
+        fresh: bool = False,
     ) -> Pkcs11Key:
         """:meth:`generate_key` with its dates set at creation: CKA_START_DATE from
         ``start``, CKA_END_DATE and a lifetime record from ``not_after``. Dates are
-        never changed afterwards (docs/design.md, "Key rings")."""
+        never changed afterwards (docs/design.md, "Key rings").
+
+        ``fresh``: the caller made ``key_id`` (and a label containing it) from 128
+        random bits, so no other key can share them: the searches for a key
+        with the same label or id, and the twin check after a pause, are
+        skipped (one-time keys; benchmarks/bench_onetime.py measures the gain).
+        """
         uses = check_new_key(spec, label, usage)
         gen = rsa.generate if isinstance(spec, RSA) else ec.generate
 
@@ -144,7 +153,7 @@ class Pkcs11HSM(HSM):
             return gen(session, spec, public_t, private_t)[1]  # type: ignore[arg-type]
 
         return self._create(
-            spec, label, uses, key_id, create, f"generating a {spec} key", not_after
+            spec, label, uses, key_id, create, f"generating a {spec} key", not_after, fresh
         )
 
     def import_key(
@@ -199,6 +208,7 @@ class Pkcs11HSM(HSM):
         create: Callable[[Any, Template, Template], Any],
         what: str,
         not_after: datetime | None = None,
+        fresh: bool = False,
     ) -> Pkcs11Key:
         """Check label and id are free, then ``create(session, public_t, private_t)``.
 
@@ -210,12 +220,12 @@ class Pkcs11HSM(HSM):
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
         with self.pool.admin() as session:
-            if self._find(session, {Attribute.LABEL: label}):
+            if not fresh and self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
                     f"a key labelled {label!r} already exists in {self.description}; "
                     "choose another label or delete the old key"
                 )
-            if self._find(session, {Attribute.ID: raw_id}):
+            if not fresh and self._find(session, {Attribute.ID: raw_id}):
                 raise KeyExists(
                     f"a key with id {raw_id.hex()!r} already exists in {self.description}; "
                     "choose another key_id or leave it out"
@@ -264,7 +274,7 @@ class Pkcs11HSM(HSM):
         # at once both saw no twin in 1 of 4 runs), so the check is repeated
         # after a pause, without holding the admin session.
         twins = False
-        for pause in (0.0, TWIN_RECHECK_SECONDS):
+        for pause in () if fresh else (0.0, TWIN_RECHECK_SECONDS):
             time.sleep(pause)
             with self.pool.admin() as session:
                 twins = self._has_twin(session, label, raw_id)
@@ -416,6 +426,11 @@ class Pkcs11HSM(HSM):
 
     def ring_store(self) -> Pkcs11RingStore:
         return self.rings
+
+    def one_time_store(self) -> Pkcs11OneTimeStore:
+        from .otkstore import Pkcs11OneTimeStore
+
+        return Pkcs11OneTimeStore(self)
 
     def supported_mechanisms(self) -> list[Mechanism]:
         """hsmbridge mechanisms the token offers (see :class:`Capabilities`); rsa-raw only

@@ -87,7 +87,7 @@ CLAIM_ATTEMPTS = 20
 CLAIM_RECHECK_SECONDS = 0.05
 
 
-def _abandoned(claim: dict[str, Any]) -> bool:
+def abandoned(claim: dict[str, Any]) -> bool:
     """Whether a claim without a key was left by a crash: its process (on this
     host) is gone, or it is older than :data:`STALE_CLAIM`."""
     if time.time() - float(claim.get("claimed", 0)) > STALE_CLAIM:
@@ -140,6 +140,61 @@ class _Data:
     value: dict[str, Any]
 
 
+def read_data(session: Any, label: str | None = None) -> list[_Data]:
+    """hsmbridge's data objects (all, or those labelled ``label``), values parsed."""
+    template = {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.TOKEN: True,
+        Attribute.APPLICATION: APPLICATION,
+    }
+    if label is not None:
+        template[Attribute.LABEL] = label
+    for attempt in range(5):
+        found = []
+        try:
+            for obj in session.get_objects(template):
+                with contextlib.suppress(p11x.PKCS11Error, ValueError, KeyError, TypeError):
+                    value = json.loads(bytes(obj[Attribute.VALUE]))
+                    key_id = bytes.fromhex(value["key_id"])
+                    found.append(_Data(obj, obj[Attribute.LABEL], key_id, value))
+            return found
+        except p11x.ObjectHandleInvalid:  # destroyed by another process mid-search
+            if attempt == 4:
+                raise translate(
+                    p11x.ObjectHandleInvalid(), what="reading hsmbridge's data objects"
+                ) from None
+        except p11x.PKCS11Error as exc:
+            raise translate(exc, what="reading hsmbridge's data objects") from None
+    return []
+
+
+def write_data(
+    session: Any,
+    label: str,
+    key_id: bytes,
+    value: dict[str, Any],
+    *,
+    modifiable: bool = False,
+) -> Any:
+    """Create one immutable (unless ``modifiable``) data object: one atomic C_CreateObject."""
+    try:
+        return session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: modifiable,
+                Attribute.APPLICATION: APPLICATION,
+                Attribute.LABEL: label,
+                Attribute.VALUE: json.dumps(
+                    {**value, "key_id": key_id.hex()}, sort_keys=True
+                ).encode(),
+            }
+        )
+    except p11x.PKCS11Error as exc:
+        raise translate(exc, what=f"writing {label!r}") from None
+
+
 class Pkcs11RingStore(RingStore):
     def __init__(self, hsm: Pkcs11HSM) -> None:
         self.hsm = hsm
@@ -147,58 +202,6 @@ class Pkcs11RingStore(RingStore):
         self._heads: dict[str, Any] = {}  # ring -> its head object
 
     # -- data objects ------------------------------------------------------------------
-
-    def _data(self, session: Any, label: str | None = None) -> list[_Data]:
-        template = {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.APPLICATION: APPLICATION,
-        }
-        if label is not None:
-            template[Attribute.LABEL] = label
-        for attempt in range(5):
-            found = []
-            try:
-                for obj in session.get_objects(template):
-                    with contextlib.suppress(p11x.PKCS11Error, ValueError, KeyError, TypeError):
-                        value = json.loads(bytes(obj[Attribute.VALUE]))
-                        key_id = bytes.fromhex(value["key_id"])
-                        found.append(_Data(obj, obj[Attribute.LABEL], key_id, value))
-                return found
-            except p11x.ObjectHandleInvalid:  # destroyed by another process mid-search
-                if attempt == 4:
-                    raise translate(
-                        p11x.ObjectHandleInvalid(), what="reading hsmbridge's data objects"
-                    ) from None
-            except p11x.PKCS11Error as exc:
-                raise translate(exc, what="reading hsmbridge's data objects") from None
-        return []
-
-    def _write(
-        self,
-        session: Any,
-        label: str,
-        key_id: bytes,
-        value: dict[str, Any],
-        *,
-        modifiable: bool = False,
-    ) -> Any:
-        try:
-            return session.create_object(
-                {
-                    Attribute.CLASS: ObjectClass.DATA,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.MODIFIABLE: modifiable,
-                    Attribute.APPLICATION: APPLICATION,
-                    Attribute.LABEL: label,
-                    Attribute.VALUE: json.dumps(
-                        {**value, "key_id": key_id.hex()}, sort_keys=True
-                    ).encode(),
-                }
-            )
-        except p11x.PKCS11Error as exc:
-            raise translate(exc, what=f"writing {label!r}") from None
 
     def _has_key(self, session: Any, key_id: bytes) -> bool:
         """Whether the version is committed: both halves of its key pair exist (a
@@ -240,7 +243,7 @@ class Pkcs11RingStore(RingStore):
 
     def _ring_data(self, session: Any) -> list[tuple[_Data, VersionRecord]]:
         out = []
-        for data in self._data(session):
+        for data in read_data(session):
             if data.label.startswith(RING_PREFIX):
                 record = self._record(data)
                 if record is not None:
@@ -265,7 +268,7 @@ class Pkcs11RingStore(RingStore):
             if head is None:
                 heads = self._find_heads(session, ring)
                 if not heads:  # no head (yet, or lost): look for the record itself
-                    return bool(self._data(session, label=record_label(ring, version)))
+                    return bool(read_data(session, label=record_label(ring, version)))
                 head = self._heads[ring] = heads[0].obj
             try:
                 return _head_version(head[Attribute.LABEL]) >= version
@@ -275,7 +278,7 @@ class Pkcs11RingStore(RingStore):
 
     def _find_heads(self, session: Any, ring: str) -> list[_Data]:
         prefix = f"{HEAD_PREFIX}{ring}:"
-        return [d for d in self._data(session) if d.label.startswith(prefix)]
+        return [d for d in read_data(session) if d.label.startswith(prefix)]
 
     def _advance_head(self, ring: str, version: int) -> None:
         """After a commit: the head's label says ``version`` (a hint for other processes).
@@ -286,7 +289,7 @@ class Pkcs11RingStore(RingStore):
         with self.hsm.pool.admin() as session:
             heads = self._find_heads(session, ring)
             if not heads:
-                self._write(session, label, b"", {"ring": ring}, modifiable=True)
+                write_data(session, label, b"", {"ring": ring}, modifiable=True)
             for head in heads:
                 with contextlib.suppress(p11x.PKCS11Error, ValueError):
                     if _head_version(head.label) < version:
@@ -319,7 +322,7 @@ class Pkcs11RingStore(RingStore):
                 claim.destroy()
             raise
         with self.hsm.pool.admin() as session:
-            if not any(d.key_id == key_id for d in self._data(session, label=label)):
+            if not any(d.key_id == key_id for d in read_data(session, label=label)):
                 key.delete()  # our claim was taken for a crashed one and removed
                 raise KeyExists(
                     f"rotating ring {record.ring!r} took longer than {STALE_CLAIM:.0f} s and "
@@ -345,7 +348,7 @@ class Pkcs11RingStore(RingStore):
                     if r.ring == record.ring and self._has_key(session, d.key_id)
                 ):
                     raise conflict
-                claim = self._write(session, label, key_id, value)
+                claim = write_data(session, label, key_id, value)
             # SoftHSM2 shows another process's new object only a moment after it
             # is made (the twin check in backend.py found it too): look again after a pause.
             live = False
@@ -370,13 +373,13 @@ class Pkcs11RingStore(RingStore):
     ) -> bool:
         """Whether other live claims on ``label`` exist; a committed one withdraws ours."""
         live = False
-        for rival in self._data(session, label=label):
+        for rival in read_data(session, label=label):
             if rival.key_id == key_id:
                 continue
             if self._has_key(session, rival.key_id):
                 claim.destroy()
                 raise conflict
-            if _abandoned(rival.value):
+            if abandoned(rival.value):
                 with contextlib.suppress(p11x.PKCS11Error):
                     rival.obj.destroy()
             else:
@@ -396,7 +399,7 @@ class Pkcs11RingStore(RingStore):
             self.hsm.get_key(key_id=record.key_id).delete()
         with self.hsm.pool.admin() as session:
             label = record_label(record.ring, record.version)
-            for data in self._data(session, label=label):
+            for data in read_data(session, label=label):
                 if data.key_id != key_id:
                     continue
                 with contextlib.suppress(p11x.PKCS11Error):
@@ -410,7 +413,7 @@ class Pkcs11RingStore(RingStore):
             keyed = {id(d): self._has_key(session, d.key_id) for d, _ in mine}
             newest = max((r.version for d, r in mine if keyed[id(d)]), default=0)
             for data, record in mine:
-                if not keyed[id(data)] and (record.version < newest or _abandoned(data.value)):
+                if not keyed[id(data)] and (record.version < newest or abandoned(data.value)):
                     with contextlib.suppress(p11x.PKCS11Error):
                         data.obj.destroy()
 
@@ -422,7 +425,7 @@ class Pkcs11RingStore(RingStore):
         """Before a key with ``expires_in`` is made: its record, and END_DATE in its templates."""
         for template in templates:
             template[Attribute.END_DATE] = day_of(not_after)
-        return self._write(
+        return write_data(
             session, expiry_label(key_id), key_id, {"not_after": int(not_after.timestamp())}
         )
 
@@ -437,7 +440,7 @@ class Pkcs11RingStore(RingStore):
                 self.hsm._public_object(key._object_in(session))[Attribute.END_DATE]
             except (p11x.PKCS11Error, ValueError, KeyError):
                 return None  # no (or an empty) END_DATE: no lifetime
-            for data in self._data(session, label=expiry_label(bytes.fromhex(key.id))):
+            for data in read_data(session, label=expiry_label(bytes.fromhex(key.id))):
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     return expiry_validity(
                         self.hsm, key.label, from_instant(int(data.value["not_after"]))
@@ -447,7 +450,7 @@ class Pkcs11RingStore(RingStore):
     def expiring_keys(self) -> list[Key]:
         keys: list[Key] = []
         with self.hsm.pool.admin() as session:
-            records = [d for d in self._data(session) if d.label.startswith(EXPIRY_PREFIX)]
+            records = [d for d in read_data(session) if d.label.startswith(EXPIRY_PREFIX)]
         for data in records:
             try:
                 key = self.hsm.get_key(key_id=data.key_id.hex())
@@ -462,6 +465,6 @@ class Pkcs11RingStore(RingStore):
     def destroy_key(self, key: Key) -> None:
         key.delete()
         with self.hsm.pool.admin() as session:
-            for data in self._data(session, label=expiry_label(bytes.fromhex(key.id))):
+            for data in read_data(session, label=expiry_label(bytes.fromhex(key.id))):
                 with contextlib.suppress(p11x.PKCS11Error):
                     data.obj.destroy()

@@ -1,0 +1,145 @@
+"""One-time keys in a PKCS#11 token (docs/design.md, "One-time keys").
+
+Objects, all token objects, none ever modified (SoftHSM2 half-writes an
+object whose process is killed inside C_SetAttributeValue; see
+:mod:`.ringstore`):
+
+- the key pair: label ``otk.NAME.KID.POOLED`` (``POOLED``: Unix seconds it
+  was pooled), CKA_ID = the kid's 16 bytes, decrypt only, sensitive and
+  non-extractable like every key;
+- the *issued* record: a CKO_DATA object labelled ``hsmbridge-otk-issued:KID``
+  with ``{"name", "expires_at"}``, written by the one process that pooled the
+  key, before it hands the key out;
+- *used* claims: CKO_DATA objects labelled ``hsmbridge-otk-used:KID`` with
+  the claimant's host, PID, time and a nonce: the key rings' claim (one
+  atomic C_CreateObject, then a look for rivals now and
+  :data:`~.ringstore.CLAIM_RECHECK_SECONDS` later, since SoftHSM2 shows
+  another process's new object only a moment after it is made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pkcs11.exceptions as p11x
+
+from ..api import RSA, Key
+from ..errors import KeyNotFound
+from ..onetime import OneTimeStore, PoolKey, StoredKey
+from .ringstore import CLAIM_RECHECK_SECONDS, abandoned, read_data, write_data
+
+if TYPE_CHECKING:
+    from .backend import Pkcs11HSM
+
+ISSUED_PREFIX = "hsmbridge-otk-issued:"
+USED_PREFIX = "hsmbridge-otk-used:"
+
+
+def key_label(name: str, kid: str, pooled: int) -> str:
+    return f"otk.{name}.{kid}.{pooled}"
+
+
+class Pkcs11OneTimeStore(OneTimeStore):
+    def __init__(self, hsm: Pkcs11HSM) -> None:
+        self.hsm = hsm
+
+    def generate(self, name: str, kid: str, spec: RSA, pooled: int) -> Key:
+        return self.hsm.generate_dated(
+            spec, key_label(name, kid, pooled), usage="decrypt", key_id=kid, fresh=True
+        )
+
+    def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
+        with self.hsm.pool.admin() as session:
+            write_data(
+                session,
+                ISSUED_PREFIX + key.id,
+                bytes.fromhex(key.id),
+                {"name": name, "expires_at": expires_at},
+            )
+
+    def issued(self, name: str, kid: str) -> int | None:
+        with self.hsm.pool.admin() as session:
+            found = [
+                int(d.value["expires_at"])
+                for d in read_data(session, ISSUED_PREFIX + kid)
+                if d.value.get("name") == name and isinstance(d.value.get("expires_at"), int)
+            ]
+        return min(found, default=None)
+
+    def claim(self, name: str, kid: str) -> float | None:
+        nonce = uuid.uuid4().hex
+        label = USED_PREFIX + kid
+        value = {
+            "name": name,
+            "claimed": time.time(),  # real time: claims go stale by wall clock
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "nonce": nonce,
+        }
+        with self.hsm.pool.admin() as session:
+            write_data(session, label, bytes.fromhex(kid), value)
+        for pause in (0.0, CLAIM_RECHECK_SECONDS):
+            time.sleep(pause)
+            with self.hsm.pool.admin() as session:
+                rivals = [d for d in read_data(session, label) if d.value.get("nonce") != nonce]
+            if rivals:
+                return min(float(d.value.get("claimed", 0)) for d in rivals)
+        return None
+
+    def key(self, name: str, kid: str) -> Key:
+        key = self.hsm.get_key(key_id=kid)
+        if not key.label.startswith(f"otk.{name}.{kid}."):
+            raise KeyNotFound(f"key {kid} is not a one-time key of pool {name!r}")
+        return key
+
+    def destroy_key(self, name: str, kid: str) -> None:
+        with contextlib.suppress(KeyNotFound):
+            self.key(name, kid).delete()
+
+    def forget(self, name: str, kid: str) -> None:
+        self.destroy_key(name, kid)
+        with self.hsm.pool.admin() as session:
+            for prefix in (USED_PREFIX, ISSUED_PREFIX):  # the issued record last
+                for data in read_data(session, prefix + kid):
+                    with contextlib.suppress(p11x.PKCS11Error):
+                        data.obj.destroy()
+
+    def discard(self, key: Key) -> None:
+        with contextlib.suppress(KeyNotFound):
+            key.delete()
+
+    def contents(self, name: str) -> tuple[list[PoolKey], list[StoredKey]]:
+        prefix = f"otk.{name}."
+        keys: dict[str, int] = {}
+        for info in self.hsm.list_keys():
+            parts = info.label[len(prefix) :].split(".")
+            if info.label.startswith(prefix) and len(parts) == 2 and parts[1].isdigit():
+                keys[parts[0]] = int(parts[1])
+        issued: dict[str, int] = {}
+        claims: dict[str, list[dict[str, Any]]] = {}
+        with self.hsm.pool.admin() as session:
+            for data in read_data(session):
+                kid = data.key_id.hex()
+                if data.value.get("name") != name:
+                    continue
+                if data.label == ISSUED_PREFIX + kid:
+                    issued[kid] = int(data.value.get("expires_at", 0))
+                elif data.label == USED_PREFIX + kid:
+                    claims.setdefault(kid, []).append(data.value)
+        pool = [PoolKey(kid, pooled) for kid, pooled in keys.items() if kid not in issued]
+        stored = [
+            StoredKey(
+                kid,
+                issued.get(kid, 0),  # claims without a record: a sweep raced a decrypt
+                kid in keys,
+                len(claims.get(kid, [])),
+                all(abandoned(c) for c in claims.get(kid, [])),
+            )
+            for kid in issued.keys() | claims.keys()
+        ]
+        return pool, stored
