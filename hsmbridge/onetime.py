@@ -23,14 +23,13 @@ Everything that must survive a process is in the HSM, behind
 - *issue*: one immutable *issued* record (the kid and ``expires_at``), written
   before the key is handed out: a process killed before it never handed the
   key out; after it, the key decrypts until its expiry, in any process;
-- *decrypt*: a *used* claim (immutable, created atomically) before the HSM
-  is asked; the claimant proceeds only if it sees no other claim, now and
-  again :data:`~hsmbridge.pkcs11.ringstore.CLAIM_RECHECK_SECONDS` later (the
-  key rings' claim protocol). A claim is never withdrawn, so a second decrypt
-  fails even before the key is destroyed, and a process killed after
-  claiming leaves a key that nobody decrypts again. The key is destroyed
-  right after the decrypt (attempted: a failed decrypt consumes the key too,
-  so a one-time key is no oracle);
+- *decrypt*: one atomic claim before the HSM is asked, which at most one
+  process wins however many race (PKCS#11: destroying the key's *ticket*
+  object; NetHSM: deleting the key's ticket certificate). A claim is never
+  undone, so a second decrypt fails even before the key is destroyed, and a
+  process killed after claiming leaves a key nobody decrypts again. The key
+  is destroyed right after the decrypt (attempted: a failed decrypt uses the
+  key up too, so a one-time key is no oracle);
 - *sweep*: destroys expired keys (key, then claim, then issued record) and
   the keys of claims whose process died before destroying them.
 """
@@ -48,7 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .api import RSA, Key, KeySpec, Validity
@@ -147,8 +146,8 @@ class OneTimeStore(abc.ABC):
 
     @abc.abstractmethod
     def claim(self, name: str, kid: str) -> float | None:
-        """Claim ``kid``'s one decrypt. None when the claim is this process's alone;
-        else when (Unix time) the other claim was made: the key is used."""
+        """Claim ``kid``'s one decrypt, atomically across processes. None when this
+        process won it; else when (Unix time, 0 if unknown) another claimed it."""
 
     @abc.abstractmethod
     def key(self, name: str, kid: str) -> Key:
@@ -487,10 +486,10 @@ class OneTimeKeys:
             )
         other = self._store.claim(self.name, kid)
         if other is not None:
+            when = f" at {datetime.fromtimestamp(other, UTC).isoformat()}" if other else ""
             raise KeyExpired(
                 f"one-time key {kid} was already used: a decrypt (in this or another process) "
-                f"claimed it at {datetime.fromtimestamp(other).astimezone().isoformat()}; it "
-                "decrypts once"
+                f"claimed it{when}; it decrypts once"
             )
         with self._cond:
             self._used.add(kid)

@@ -43,16 +43,11 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["pkcs11", "nethsm"])
+@pytest.fixture(params=["pkcs11"])  # the NetHSM store is not built yet (see docs)
 def lifecycle_hsm(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[hsmbridge.HSM]:
-    """A fresh handle on each backend's shared HSM, reading time from ``clock``."""
-    if request.param == "pkcs11":
-        token = request.getfixturevalue("softhsm_token")
-        hsm = hsmbridge.open(token.uri, pin=token.pin, clock=clock)
-    else:
-        from nethsm_fixtures import bridge_of, open_nethsm
-
-        hsm = open_nethsm(bridge_of(request.getfixturevalue("nethsm_hsm")), clock=clock)
+    """A fresh handle on the shared SoftHSM2 token, reading time from ``clock``."""
+    token = request.getfixturevalue("softhsm_token")
+    hsm = hsmbridge.open(token.uri, pin=token.pin, clock=clock)
     yield hsm
     hsm.close()
 
@@ -101,9 +96,7 @@ def test_issue_decrypt_once_expire_sweep(lifecycle_hsm: hsmbridge.HSM, clock: Fa
         with pytest.raises(KeyExpired, match=f"one-time key {k.kid} was already used"):
             otk.decrypt_jwe(token)
         with pytest.raises(KeyNotFound):  # destroyed in the HSM right after the decrypt
-            hsm.get_key(key_id=k.kid) if type(hsm).__name__ != "NetHSM" else hsm.get_key(
-                key_id=f"otk.{otk.name}.{k.kid}"
-            )
+            hsm.get_key(key_id=k.kid)
         with pytest.raises(KeyExpired, match="already used"):  # another handle knows too
             fresh_view(hsm, otk).decrypt_jwe(token)
 

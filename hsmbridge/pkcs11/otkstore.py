@@ -7,14 +7,20 @@ object whose process is killed inside C_SetAttributeValue; see
 - the key pair: label ``otk.NAME.KID.POOLED`` (``POOLED``: Unix seconds it
   was pooled), CKA_ID = the kid's 16 bytes, decrypt only, sensitive and
   non-extractable like every key;
-- the *issued* record: a CKO_DATA object labelled ``hsmbridge-otk-issued:KID``
-  with ``{"name", "expires_at"}``, written by the one process that pooled the
-  key, before it hands the key out;
-- *used* claims: CKO_DATA objects labelled ``hsmbridge-otk-used:KID`` with
-  the claimant's host, PID, time and a nonce: the key rings' claim (one
-  atomic C_CreateObject, then a look for rivals now and
-  :data:`~.ringstore.CLAIM_RECHECK_SECONDS` later, since SoftHSM2 shows
-  another process's new object only a moment after it is made).
+- the *ticket*: a CKO_DATA object labelled ``hsmbridge-otk-ticket:KID``,
+  written at issue. Destroying it is the claim on the key's one decrypt:
+  C_DestroyObject of one object by several processes at once succeeds in
+  exactly one (docs/design.md, fact 21), and a destroyed object is gone for
+  every process at once, unlike a new one (fact 20: a process can miss
+  objects other processes made, so a claim that others must *find* is not
+  safe on SoftHSM2);
+- the *issued* record: CKO_DATA ``hsmbridge-otk-issued:KID`` with
+  ``{"name", "expires_at"}``, written after the ticket, by the one process
+  that pooled the key, before it hands the key out;
+- the *used* record: CKO_DATA ``hsmbridge-otk-used:KID`` (claimant's host, PID,
+  time), written by the process that destroyed the ticket, so that others
+  can say when the key was used and a sweep can finish a decrypt whose
+  process died.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import contextlib
 import os
 import socket
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import pkcs11.exceptions as p11x
@@ -31,12 +36,13 @@ import pkcs11.exceptions as p11x
 from ..api import RSA, Key
 from ..errors import KeyNotFound
 from ..onetime import OneTimeStore, PoolKey, StoredKey
-from .ringstore import CLAIM_RECHECK_SECONDS, abandoned, read_data, write_data
+from .ringstore import abandoned, read_data, write_data
 
 if TYPE_CHECKING:
     from .backend import Pkcs11HSM
 
 ISSUED_PREFIX = "hsmbridge-otk-issued:"
+TICKET_PREFIX = "hsmbridge-otk-ticket:"
 USED_PREFIX = "hsmbridge-otk-used:"
 
 
@@ -54,7 +60,9 @@ class Pkcs11OneTimeStore(OneTimeStore):
         )
 
     def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
-        with self.hsm.pool.admin() as session:
+        kid = bytes.fromhex(key.id)
+        with self.hsm.pool.admin() as session:  # the ticket first: a record always has one
+            write_data(session, TICKET_PREFIX + key.id, kid, {"name": name})
             write_data(
                 session,
                 ISSUED_PREFIX + key.id,
@@ -72,24 +80,23 @@ class Pkcs11OneTimeStore(OneTimeStore):
         return min(found, default=None)
 
     def claim(self, name: str, kid: str) -> float | None:
-        nonce = uuid.uuid4().hex
-        label = USED_PREFIX + kid
-        value = {
-            "name": name,
-            "claimed": time.time(),  # real time: claims go stale by wall clock
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "nonce": nonce,
-        }
         with self.hsm.pool.admin() as session:
-            write_data(session, label, bytes.fromhex(kid), value)
-        for pause in (0.0, CLAIM_RECHECK_SECONDS):
-            time.sleep(pause)
-            with self.hsm.pool.admin() as session:
-                rivals = [d for d in read_data(session, label) if d.value.get("nonce") != nonce]
-            if rivals:
-                return min(float(d.value.get("claimed", 0)) for d in rivals)
-        return None
+            tickets = read_data(session, TICKET_PREFIX + kid)
+            for ticket in tickets:
+                try:
+                    ticket.obj.destroy()  # exactly one process succeeds (fact 21)
+                except p11x.PKCS11Error:
+                    continue
+                value = {
+                    "name": name,
+                    "claimed": time.time(),  # real time: claims go stale by wall clock
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                }
+                write_data(session, USED_PREFIX + kid, bytes.fromhex(kid), value)
+                return None
+            used = [float(d.value.get("claimed", 0)) for d in read_data(session, USED_PREFIX + kid)]
+        return min(used, default=0.0)
 
     def key(self, name: str, kid: str) -> Key:
         key = self.hsm.get_key(key_id=kid)
@@ -104,7 +111,7 @@ class Pkcs11OneTimeStore(OneTimeStore):
     def forget(self, name: str, kid: str) -> None:
         self.destroy_key(name, kid)
         with self.hsm.pool.admin() as session:
-            for prefix in (USED_PREFIX, ISSUED_PREFIX):  # the issued record last
+            for prefix in (TICKET_PREFIX, USED_PREFIX, ISSUED_PREFIX):  # the record last
                 for data in read_data(session, prefix + kid):
                     with contextlib.suppress(p11x.PKCS11Error):
                         data.obj.destroy()
