@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 import hsmbridge
-from hsmbridge import jose
-from hsmbridge import RSA
+from hsmbridge import RSA, jose
 
 #: one-time keys in these tests: RSA-1024 keeps generation quick; OAEP-SHA1 (SoftHSM2)
 SPEC = RSA(1024)

@@ -71,8 +71,15 @@ def test_issued_in_one_process_decrypts_once_in_another(
         keys = [otk.issue(), otk.issue()]
         tokens = [encrypt(k.jwk, f"card {i}".encode()) for i, k in enumerate(keys)]
         out = tmp_path / "decrypt.jsonl"
-        proc = run(otk_worker.decrypt, softhsm_token.uri, softhsm_token.pin, name, tokens[:1],
-                   0.0, str(out))  # fmt: skip
+        proc = run(
+            otk_worker.decrypt,
+            softhsm_token.uri,
+            softhsm_token.pin,
+            name,
+            tokens[:1],
+            0.0,
+            str(out),
+        )
         proc.join(60)
         assert proc.exitcode == 0
         assert [r["plaintext"] for r in read(out) if "plaintext" in r] == ["card 0"]
@@ -119,7 +126,7 @@ def test_racing_decrypts_never_both_succeed(
                 tokens,
                 start,
                 str(out),
-            )  # fmt: skip
+            )
             for out in outs
         ]
         for proc in procs:
@@ -175,8 +182,15 @@ def test_sigkill_while_decrypting_never_decrypts_twice(
             keys = [otk.issue() for _ in range(8)]
             tokens = [encrypt(k.jwk, k.kid.encode()) for k in keys]
             out = tmp_path / f"kill{round_}.jsonl"
-            proc = run(otk_worker.decrypt, softhsm_token.uri, softhsm_token.pin, name, tokens,
-                       0.0, str(out))  # fmt: skip
+            proc = run(
+                otk_worker.decrypt,
+                softhsm_token.uri,
+                softhsm_token.pin,
+                name,
+                tokens,
+                0.0,
+                str(out),
+            )
             wait_for(out, "ready")
             time.sleep(rng.uniform(0.0, 0.5))  # a decrypt takes ~60 ms: kill inside one
             proc.kill()
