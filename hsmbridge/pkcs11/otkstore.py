@@ -53,6 +53,8 @@ def key_label(name: str, kid: str, pooled: int) -> str:
 class Pkcs11OneTimeStore(OneTimeStore):
     def __init__(self, hsm: Pkcs11HSM) -> None:
         self.hsm = hsm
+        # tickets this process wrote, by kid: its own decrypts destroy them without a search
+        self._tickets: dict[str, Any] = {}
 
     def generate(self, name: str, kid: str, spec: RSA, pooled: int) -> Key:
         return self.hsm.generate_dated(
@@ -62,13 +64,14 @@ class Pkcs11OneTimeStore(OneTimeStore):
     def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
         kid = bytes.fromhex(key.id)
         with self.hsm.pool.admin() as session:  # the ticket first: a record always has one
-            write_data(session, TICKET_PREFIX + key.id, kid, {"name": name})
+            ticket = write_data(session, TICKET_PREFIX + key.id, kid, {"name": name})
             write_data(
                 session,
                 ISSUED_PREFIX + key.id,
                 bytes.fromhex(key.id),
                 {"name": name, "expires_at": expires_at},
             )
+        self._tickets[key.id] = ticket
 
     def issued(self, name: str, kid: str) -> int | None:
         with self.hsm.pool.admin() as session:
@@ -81,10 +84,15 @@ class Pkcs11OneTimeStore(OneTimeStore):
 
     def claim(self, name: str, kid: str) -> float | None:
         with self.hsm.pool.admin() as session:
-            tickets = read_data(session, TICKET_PREFIX + kid)
+            mine = self._tickets.pop(kid, None)
+            tickets = (
+                [mine]
+                if mine is not None
+                else [d.obj for d in read_data(session, TICKET_PREFIX + kid)]
+            )
             for ticket in tickets:
                 try:
-                    ticket.obj.destroy()  # exactly one process succeeds (fact 21)
+                    ticket.destroy()  # exactly one process succeeds (fact 21)
                 except p11x.PKCS11Error:
                     continue
                 value = {
@@ -109,6 +117,7 @@ class Pkcs11OneTimeStore(OneTimeStore):
             self.key(name, kid).delete()
 
     def forget(self, name: str, kid: str) -> None:
+        self._tickets.pop(kid, None)
         self.destroy_key(name, kid)
         with self.hsm.pool.admin() as session:
             for prefix in (TICKET_PREFIX, USED_PREFIX, ISSUED_PREFIX):  # the record last
