@@ -141,7 +141,8 @@ class Pkcs11HSM(HSM):
         ``fresh``: the caller made ``key_id`` (and a label containing it) from 128
         random bits, so no other key can share them: the searches for a key
         with the same label or id, and the twin check after a pause, are
-        skipped (one-time keys; benchmarks/bench_onetime.py measures the gain).
+        skipped, and the key is made on a session of its own instead of the
+        admin session (one-time keys' pool; benchmarks/bench_onetime.py).
         """
         uses = check_new_key(spec, label, usage)
         gen = rsa.generate if isinstance(spec, RSA) else ec.generate
@@ -219,7 +220,7 @@ class Pkcs11HSM(HSM):
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
-        with self.pool.admin() as session:
+        with self.pool.generator() if fresh else self.pool.admin() as session:
             if not fresh and self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
                     f"a key labelled {label!r} already exists in {self.description}; "

@@ -140,6 +140,7 @@ class SessionPool:
         self._admin_lock = threading.RLock()
         self._checked_out: set[PooledSession] = set()
         self._closed = False
+        self._generators: list[pkcs11.Session] = []  # idle R/W sessions for generation
         self._login(pin)
         self._admin: pkcs11.Session = self._open_admin()
         _pools.add(self)
@@ -225,6 +226,7 @@ class SessionPool:
         self._checked_out = set()
         self._idle = []
         self._open_count = 0
+        self._generators = []
 
     def _check_process(self) -> None:
         """In a forked child, initialise the module again and log in again (once)."""
@@ -290,6 +292,32 @@ class SessionPool:
                 log.warning("admin session broke (%s); reopening", type(exc).__name__)
                 self._reopen_admin()
                 raise translate(exc, what="key management") from None
+
+    @contextlib.contextmanager
+    def generator(self) -> Iterator[pkcs11.Session]:
+        """An R/W session of its own (one per concurrent caller, reused), for key
+        generation that needs no search first (one-time keys' pool): a generation
+        takes 50-300 ms (docs/design.md, fact 14) and would hold up every short
+        admin operation (issuing, deleting) if it ran on the admin session."""
+        self._check_process()
+        with self._cond:
+            if self._closed:
+                raise HSMUnavailable("this HSM handle is closed; open a new one")
+            session = self._generators.pop() if self._generators else None
+        if session is None:
+            session = self._open_admin()
+        try:
+            yield session
+        except SESSION_BROKEN as exc:
+            with contextlib.suppress(Exception):
+                session.close()
+            raise translate(exc, what="key generation") from None
+        with self._cond:
+            if not self._closed:
+                self._generators.append(session)
+                return
+        with contextlib.suppress(Exception):
+            session.close()
 
     def _reopen_admin(self) -> None:
         with contextlib.suppress(Exception):
@@ -403,12 +431,16 @@ class SessionPool:
                 busy = self._open_count - len(self._idle)
                 log.warning("closing with %d PKCS#11 sessions still in use", busy)
             idle, self._idle = self._idle, []
+            generators, self._generators = self._generators, []
         _pools.discard(self)
         if self._pid != os.getpid():
             return  # a forked child that never used the pool: nothing of it is ours
         for pooled in idle:
             with contextlib.suppress(Exception):
                 pooled.session.close()
+        for session in generators:
+            with contextlib.suppress(Exception):
+                session.close()
         with self._admin_lock, contextlib.suppress(Exception):
             self._admin.close()
         self._logout()
