@@ -133,6 +133,8 @@ def test_demo_on_the_embedded_token(tmp_path: Path, softhsm_token: SoftToken) ->
     out = r.stdout.decode()
     assert "-----BEGIN PUBLIC KEY-----" in out
     assert "ops/s" in out and "every signature verified" in out
+    assert "one-time keys (alg RSA-OAEP: no OAEP-SHA256 here)" in out  # SoftHSM2: said so
+    assert "issue() from the warm pool" in out and "second decrypt refused" in out
     # Idempotent: the second run reuses the embedded token.
     r = run(softhsm_token, "demo", "--count", "20", env_extra=env)
     assert r.returncode == 0, r.stderr

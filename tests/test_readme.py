@@ -50,3 +50,23 @@ def test_snippet_makes_a_csr_and_a_token(
         for info in pkcs11_hsm.list_keys():
             if info.label == "api-2026":
                 pkcs11_hsm.get_key(key_id=info.id).delete()
+
+
+ONE_TIME = "## One-time keys: the card tokenization flow"
+
+
+def test_one_time_key_flow_runs_as_printed(pkcs11_hsm: HSM) -> None:
+    """The README's whole flow: issue, the browser (jwcrypto) verifies the context and
+    encrypts, the service decrypts once."""
+    from hsmbridge import KeyExpired
+
+    text = README.read_text()
+    assert ONE_TIME in text, "the README lost its one-time key flow"
+    block = re.search(r"```python\n(.*?)```", text[text.index(ONE_TIME) :], re.DOTALL)
+    assert block is not None
+    scope: dict[str, object] = {"hsm": pkcs11_hsm}
+    exec(compile(block.group(1), str(README), "exec"), scope)
+    assert scope["plaintext"] == b'{"number":"4111111111111111"}'
+    otk, card = scope["otk"], scope["card"]
+    with pytest.raises(KeyExpired, match="already used"):
+        otk.decrypt_jwe(card.serialize(compact=True))  # type: ignore[attr-defined]
