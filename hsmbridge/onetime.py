@@ -86,6 +86,9 @@ POOL_RETIRE = 12 * 3600
 #: a sweep destroys never-issued pool keys this old: their process died (seconds);
 #: twice :data:`POOL_RETIRE`, so a live process's pool key is never swept
 POOL_ORPHANED = 2 * POOL_RETIRE
+#: a decrypt claim this old whose key still exists was left by a process that died
+#: midway (seconds): a sweep destroys the key
+STALE_CLAIM = 300.0
 #: a one-time key lives at most this long (NetHSM labels and records hold seconds)
 MAX_TTL = timedelta(days=7)
 
@@ -145,9 +148,9 @@ class OneTimeStore(abc.ABC):
         """The ``expires_at`` of an issued kid; None if it was never issued (or swept)."""
 
     @abc.abstractmethod
-    def claim(self, name: str, kid: str) -> float | None:
-        """Claim ``kid``'s one decrypt, atomically across processes. None when this
-        process won it; else when (Unix time, 0 if unknown) another claimed it."""
+    def claim(self, name: str, kid: str, expires_at: int) -> float | None:
+        """Claim issued ``kid``'s one decrypt, atomically across processes. None when
+        this process won it; else when (Unix time, 0 if unknown) another claimed it."""
 
     @abc.abstractmethod
     def key(self, name: str, kid: str) -> Key:
@@ -484,7 +487,7 @@ class OneTimeKeys:
                 f"one-time key {kid} expired at {from_instant(expires_at).isoformat()} (now "
                 f"{now.isoformat()}); issue a new key"
             )
-        other = self._store.claim(self.name, kid)
+        other = self._store.claim(self.name, kid, expires_at)
         if other is not None:
             when = f" at {datetime.fromtimestamp(other, UTC).isoformat()}" if other else ""
             raise KeyExpired(

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+    from .otkstore import NetHSMOneTimeStore
+
 PASSWORD_ENV = "NETHSM_PASSWORD"
 #: URI query parameters (``?name=value``) and the from_uri option each sets.
 _URI_PARAMS = {
@@ -216,6 +218,29 @@ class NetHSM(HSM):
             self.rings.write_expiry(key, expiry_of(self, expires_in))
         return key
 
+    def generate_with_id(
+        self, spec: KeySpec, key_id: str, label: str, usage: frozenset[str], what: str
+    ) -> NetHSMKey:
+        """One ``POST /keys/generate`` with the key ID and label given, nothing checked
+        first: the NetHSM refuses an ID in use (409, :class:`KeyExists`), the
+        compare-and-swap key rings and one-time keys build on."""
+        body = {"mechanisms": vocabulary.mechanisms_for(spec, usage),
+                **vocabulary.key_type_body(spec), "id": key_id, "label": label}  # fmt: skip
+        call = Call(what, ADMINISTRATOR, safe=False, op="generate")
+        cred = self._cred(ADMINISTRATOR)
+        try:
+            _, mechanisms = create_performable(
+                body, lambda b: self.client.post_json("/keys/generate", call, cred, b)
+            )
+        except InvalidInput as exc:
+            if "label" in exc.message.lower():
+                raise InvalidInput(
+                    f"{self.description} has no key labels (NetHSM < 5.0), which key rings and "
+                    "one-time keys need"
+                ) from None
+            raise
+        return NetHSMKey(self, KeyInfo(label, key_id, spec, usage), tuple(mechanisms))
+
     def import_key(
         self,
         private_key: PrivateKeyTypes,
@@ -362,6 +387,11 @@ class NetHSM(HSM):
 
     def ring_store(self) -> NetHSMRingStore:
         return self.rings
+
+    def one_time_store(self) -> NetHSMOneTimeStore:
+        from .otkstore import NetHSMOneTimeStore
+
+        return NetHSMOneTimeStore(self)
 
     def health(self) -> str:
         """The NetHSM's state (``Operational``, ``Locked``, ...) from ``/health/state``."""

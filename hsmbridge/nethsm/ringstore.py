@@ -26,10 +26,9 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..api import Key, KeyInfo, KeySpec, Validity
-from ..errors import HSMError, InvalidInput, KeyExists, KeyNotFound
+from ..api import Key, KeySpec, Validity
+from ..errors import HSMError, KeyExists, KeyNotFound
 from ..rings import RingStore, VersionRecord, expiry_validity, version_label
-from . import vocabulary
 from .errors import ADMINISTRATOR, ANY_USER, Call
 
 if TYPE_CHECKING:
@@ -74,37 +73,18 @@ class NetHSMRingStore(RingStore):
         return self.hsm._fetch(version_key_id(ring, version)) is not None
 
     def create_version(self, record: VersionRecord, spec: KeySpec, usage: frozenset[str]) -> Key:
-        from .backend import NetHSMKey, create_performable
-
         key_id = version_key_id(record.ring, record.version)
         label = f"ring@{record.not_before}+{record.grace}"
-        mechanisms = vocabulary.mechanisms_for(spec, usage)
-        body = {
-            "mechanisms": mechanisms,
-            **vocabulary.key_type_body(spec),
-            "id": key_id,
-            "label": label,
-        }
         name = version_label(record.ring, record.version)
-        call = Call(f"generating {name}", ADMINISTRATOR, safe=False, op="generate")
-        cred = self.hsm._cred(ADMINISTRATOR)
         try:
-            _, mechanisms = create_performable(
-                body, lambda b: self.hsm.client.post_json("/keys/generate", call, cred, b)
-            )
+            key = self.hsm.generate_with_id(spec, key_id, label, usage, f"generating {name}")
         except KeyExists:
             raise KeyExists(
                 f"version {record.version} of ring {record.ring!r} was just created by another "
                 "process (a concurrent rotation); read ring.versions() and rotate again if needed"
             ) from None
-        except InvalidInput as exc:
-            if "label" in exc.message.lower():
-                raise InvalidInput(
-                    f"{self.hsm.description} has no key labels (NetHSM < 5.0), which key rings need"
-                ) from None
-            raise
         self._labels[key_id] = label
-        return NetHSMKey(self.hsm, KeyInfo(label, key_id, spec, usage), tuple(mechanisms))
+        return key
 
     def version_key(self, record: VersionRecord) -> Key:
         return self.hsm.get_key(key_id=record.key_id)

@@ -82,7 +82,7 @@ class Pkcs11OneTimeStore(OneTimeStore):
             ]
         return min(found, default=None)
 
-    def claim(self, name: str, kid: str) -> float | None:
+    def claim(self, name: str, kid: str, expires_at: int) -> float | None:
         with self.hsm.pool.admin() as session:
             mine = self._tickets.pop(kid, None)
             tickets = (
