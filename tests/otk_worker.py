@@ -1,5 +1,5 @@
 """Processes that use one-time keys, for tests/test_onetime_processes.py (started with
-multiprocessing's spawn method: a fresh interpreter, the PIN passed through its pipe,
+multiprocessing's spawn method: a fresh interpreter, the PIN or password passed through its pipe,
 never argv). Each writes one JSON object per line to ``out`` with a single
 ``os.write`` on an O_APPEND descriptor, so a SIGKILL never leaves half a line."""
 
@@ -26,10 +26,11 @@ def _say(out: str, **fields: Any) -> None:
         os.close(fd)
 
 
-def _open(uri: str, pin: str) -> hsmbridge.HSM:
+def _open(uri: str, options: dict[str, Any]) -> hsmbridge.HSM:
+    """``options``: ``pin`` (PKCS#11) or ``password``, ``operator``, ``fingerprint`` (NetHSM)."""
     for attempt in range(3):  # SoftHSM2 may fail C_GetTokenInfo while others write the token
         try:
-            return hsmbridge.open(uri, pin=pin)
+            return hsmbridge.open(uri, **options)
         except hsmbridge.HSMError:
             if attempt == 2:
                 raise
@@ -37,9 +38,9 @@ def _open(uri: str, pin: str) -> hsmbridge.HSM:
     raise AssertionError("unreachable")
 
 
-def issue(uri: str, pin: str, name: str, count: int, start: float, out: str) -> None:
+def issue(uri: str, options: dict[str, Any], name: str, count: int, start: float, out: str) -> None:
     """Issue ``count`` keys from a warm pool, starting at ``start`` (time.time())."""
-    hsm = _open(uri, pin)
+    hsm = _open(uri, options)
     otk = hsm.one_time_keys(SPEC, pool=count, alg=ALG, name=name)
     otk.fill()
     while time.time() < start:
@@ -51,9 +52,9 @@ def issue(uri: str, pin: str, name: str, count: int, start: float, out: str) -> 
     hsm.close()
 
 
-def issue_loop(uri: str, pin: str, name: str, out: str) -> None:
+def issue_loop(uri: str, options: dict[str, Any], name: str, out: str) -> None:
     """Issue keys until killed, reporting each once issue() returned it."""
-    hsm = _open(uri, pin)
+    hsm = _open(uri, options)
     otk = hsm.one_time_keys(SPEC, pool=2, alg=ALG, name=name, refill_threads=2)
     _say(out, ready=True)
     while True:
@@ -61,9 +62,11 @@ def issue_loop(uri: str, pin: str, name: str, out: str) -> None:
         _say(out, issued=k.kid, jwk=k.jwk)
 
 
-def decrypt(uri: str, pin: str, name: str, tokens: list[str], start: float, out: str) -> None:
+def decrypt(
+    uri: str, options: dict[str, Any], name: str, tokens: list[str], start: float, out: str
+) -> None:
     """Decrypt every token, starting at ``start``; report each outcome."""
-    hsm = _open(uri, pin)
+    hsm = _open(uri, options)
     otk = hsm.one_time_keys(SPEC, pool=1, alg=ALG, name=name)
     otk.close()  # decrypting needs no pool
     _say(out, ready=True)

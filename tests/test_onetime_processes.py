@@ -75,7 +75,7 @@ def test_issued_in_one_process_decrypts_once_in_another(
         proc = run(
             otk_worker.decrypt,
             softhsm_token.uri,
-            softhsm_token.pin,
+            {"pin": softhsm_token.pin},
             name,
             tokens[:1],
             0.0,
@@ -95,7 +95,15 @@ def test_two_processes_issuing_at_once_never_share_a_key(
     name, start = pool_name(), time.time() + 4.0  # both pools are warm by then
     outs = [tmp_path / f"issue{i}.jsonl" for i in range(2)]
     procs = [
-        run(otk_worker.issue, softhsm_token.uri, softhsm_token.pin, name, 6, start, str(out))
+        run(
+            otk_worker.issue,
+            softhsm_token.uri,
+            {"pin": softhsm_token.pin},
+            name,
+            6,
+            start,
+            str(out),
+        )
         for out in outs
     ]
     for proc in procs:
@@ -108,27 +116,42 @@ def test_two_processes_issuing_at_once_never_share_a_key(
     assert len(set(moduli)) == 12
 
 
+@pytest.fixture(params=["pkcs11", "nethsm"])
+def shared(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[hsmbridge.HSM, str, dict[str, Any]]]:
+    """(a handle, the URI and open() options another process uses) on each backend."""
+    if request.param == "pkcs11":
+        token: SoftToken = request.getfixturevalue("softhsm_token")
+        hsm = hsmbridge.open(token.uri, pin=token.pin)
+        yield hsm, token.uri, {"pin": token.pin}
+    else:
+        from nethsm_fixtures import bridge_of, open_nethsm
+
+        bridge = bridge_of(request.getfixturevalue("nethsm_hsm"))
+        hsm = open_nethsm(bridge)
+        options = {
+            "password": bridge.admin.passphrase,
+            "operator": bridge.operator.auth,
+            "fingerprint": bridge.fingerprint,
+        }
+        yield hsm, f"nethsm://{bridge.admin.user}@{bridge.hostport}", options
+    hsm.close()
+
+
 def test_racing_decrypts_never_both_succeed(
-    softhsm_token: SoftToken, token_hsm: hsmbridge.HSM, tmp_path: Path
+    shared: tuple[hsmbridge.HSM, str, dict[str, Any]], tmp_path: Path
 ) -> None:
     """Three processes decrypt the same six tokens at the same moment."""
     name = pool_name()
+    token_hsm, uri, options = shared
     with token_hsm.one_time_keys(otk_worker.SPEC, pool=6, alg=otk_worker.ALG, name=name) as otk:
         keys = [otk.issue() for _ in range(6)]
         tokens = [encrypt(k.jwk, k.kid.encode()) for k in keys]
         start = time.time() + 4.0
         outs = [tmp_path / f"race{i}.jsonl" for i in range(3)]
         procs = [
-            run(
-                otk_worker.decrypt,
-                softhsm_token.uri,
-                softhsm_token.pin,
-                name,
-                tokens,
-                start,
-                str(out),
-            )
-            for out in outs
+            run(otk_worker.decrypt, uri, options, name, tokens, start, str(out)) for out in outs
         ]
         for proc in procs:
             proc.join(120)
@@ -157,7 +180,9 @@ def test_sigkill_while_issuing_loses_no_issued_key(
     reported: list[dict[str, Any]] = []
     for round_ in range(4):
         out = tmp_path / f"loop{round_}.jsonl"
-        proc = run(otk_worker.issue_loop, softhsm_token.uri, softhsm_token.pin, name, str(out))
+        proc = run(
+            otk_worker.issue_loop, softhsm_token.uri, {"pin": softhsm_token.pin}, name, str(out)
+        )
         wait_for(out, "ready")
         time.sleep(rng.uniform(0.2, 1.5))
         proc.kill()
@@ -186,7 +211,7 @@ def test_sigkill_while_decrypting_never_decrypts_twice(
             proc = run(
                 otk_worker.decrypt,
                 softhsm_token.uri,
-                softhsm_token.pin,
+                {"pin": softhsm_token.pin},
                 name,
                 tokens,
                 0.0,
