@@ -801,3 +801,48 @@ def test_stream_cancellation_leaves_key_usable(keyring: Keyring) -> None:
     signature = key.sign(b"still works", mech)
     assert crypto_verify(pem_public(key), signature, b"still works", mech)
     assert list(key.decrypt_many(encrypt_many(key, plaintexts), OAEP, threads=2)) == plaintexts
+
+
+# -- one-time keys (hsmbridge.onetime) -----------------------------------------------------
+
+JWE_ENCS = ["A128GCM", "A192GCM", "A256GCM", "A128CBC-HS256", "A192CBC-HS384", "A256CBC-HS512"]
+
+
+def test_one_time_keys_with_an_independent_jose_library(keyring: Keyring, hsm: HSM) -> None:
+    """jwcrypto verifies each key's context with the signer's JWK and encrypts a JWE to
+    the key's JWK, for every JWE alg the HSM can decrypt and every enc; the service
+    decrypts each once. An alg the module lacks is refused up front, never run with
+    another hash (RSA-OAEP-256 end to end on opencryptoki; refused on SoftHSM2)."""
+    from jwcrypto import jwe, jwk, jwt
+
+    from hsmbridge import KeyExpired
+    from hsmbridge.onetime import ALGS
+
+    signer = keyring.get("rsa2048")
+    verifier = jwk.JWKSet.from_json(json.dumps({"keys": [signer.public_key_jwk()]}))
+    gaps = gaps_of(hsm)
+    ran = []
+    for alg, mech in ALGS.items():
+        if mech in gaps.mechanisms:
+            if type(hsm).__name__ != "NetHSM":  # a NetHSM lists no mechanisms to check
+                with pytest.raises(MechanismNotSupported, match=f"cannot decrypt {alg}"):
+                    hsm.one_time_keys(RSA(2048), alg=alg)
+            continue
+        name = f"c{uuid.uuid4().hex[:10]}"
+        with hsm.one_time_keys(
+            RSA(2048), pool=len(JWE_ENCS), alg=alg, signer=signer, name=name
+        ) as otk:
+            for enc in JWE_ENCS:
+                k = otk.issue()
+                context = jwt.JWT(jwt=k.context, key=verifier)  # signature, exp and iat
+                public = json.loads(context.claims)["jwk"]
+                assert public == k.jwk and public["alg"] == alg and public["use"] == "enc"
+                card = f"4111111111111111 {alg} {enc}".encode()
+                token = jwe.JWE(card, protected={"alg": alg, "enc": enc, "kid": k.kid})
+                token.add_recipient(jwk.JWK(**public))
+                compact = token.serialize(compact=True)
+                assert otk.decrypt_jwe(compact) == card
+                with pytest.raises(KeyExpired, match="already used"):
+                    otk.decrypt_jwe(compact)
+        ran.append(alg)
+    assert "RSA-OAEP" in ran
