@@ -44,5 +44,6 @@ def hsm(request: pytest.FixtureRequest) -> hsmbridge.HSM:
         pytest.skip("the NetHSM backend fixture (nethsm_hsm) is not available")
 
 
+from clock_fixtures import clock, lifecycle_hsm  # noqa: E402, F401
 from nethsm_fixtures import nethsm_hsm  # noqa: E402, F401
 from replica_fixtures import cluster, postgres, replicas_hsm  # noqa: E402, F401

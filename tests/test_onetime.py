@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from clock_fixtures import T0, FakeClock
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwcrypto import jwe, jwk, jws
@@ -23,38 +23,7 @@ import hsmbridge
 from hsmbridge import RSA, InvalidInput, KeyExpired, KeyNotFound, PoolExhausted
 from hsmbridge.onetime import OneTimeKeys
 
-T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 CARD = b'{"number":"4111111111111111","securityCode":"123"}'
-
-
-class FakeClock:
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=["pkcs11", "nethsm"])
-def lifecycle_hsm(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[hsmbridge.HSM]:
-    """A fresh handle on each backend's shared HSM, reading time from ``clock``."""
-    if request.param == "pkcs11":
-        token = request.getfixturevalue("softhsm_token")
-        hsm = hsmbridge.open(token.uri, pin=token.pin, clock=clock)
-    else:
-        from nethsm_fixtures import bridge_of, open_nethsm
-
-        hsm = open_nethsm(bridge_of(request.getfixturevalue("nethsm_hsm")), clock=clock)
-    yield hsm
-    hsm.close()
 
 
 def pool_name() -> str:
