@@ -304,7 +304,69 @@ def child_eddsa(module: str, label: str) -> dict[str, Any]:
     return out
 
 
+def _data_template(label: str) -> dict[Any, Any]:
+    from pkcs11 import Attribute, ObjectClass
+
+    return {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.LABEL: label}
+
+
+def child_create_data(module: str, label: str, *labels: str) -> dict[str, Any]:
+    """Create a token data object per label, then exit."""
+    _, session = _login(module, label, os_locking=True)
+    for name in labels:
+        session.create_object({**_data_template(name), pkcs11_attr("VALUE"): b"x"})
+    return {"created": len(labels)}
+
+
+def child_visibility(module: str, label: str) -> dict[str, Any]:
+    """Fact 20: search; another process creates X; create Y; can this process find X?"""
+    _, session = _login(module, label, os_locking=True)
+    seen = []
+    for trial in range(3):
+        theirs, mine = f"fact20-theirs-{trial}-{os.getpid()}", f"fact20-mine-{trial}"
+        list(session.get_objects(_data_template("nothing")))  # a search: the view is fresh
+        subprocess.run(
+            [sys.executable, __file__, "--child", "create_data", module, label, theirs],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        session.create_object({**_data_template(mine), pkcs11_attr("VALUE"): b"y"})
+        found = []
+        for _ in range(3):
+            found.append(bool(list(session.get_objects(_data_template(theirs)))))
+            time.sleep(0.1)
+        seen.append(found)
+    return {"other_process_object_found_after_own_write": seen}
+
+
+def child_destroy(module: str, label: str, prefix: str, count: str, start: str) -> dict[str, Any]:
+    """Fact 21: destroy every object labelled PREFIX-i at time START; report each outcome."""
+    for attempt in range(5):  # SoftHSM2 may fail C_GetTokenInfo while another process writes
+        try:
+            _, session = _login(module, label, os_locking=True)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    objects = [
+        next(iter(session.get_objects(_data_template(f"{prefix}-{i}")))) for i in range(int(count))
+    ]
+    while time.time() < float(start):
+        time.sleep(0.0005)
+    outcomes = []
+    for obj in objects:
+        try:
+            obj.destroy()
+            outcomes.append("ok")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    return {"outcomes": outcomes}
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "create_data": child_create_data,
+    "visibility": child_visibility,
+    "destroy": child_destroy,
     "threads": child_threads,
     "login": child_login,
     "calls": child_calls,
@@ -401,6 +463,57 @@ def fact_19(token: Token) -> dict[str, Any]:
     return dict(token.run("eddsa")[1])
 
 
+def fact_20(token: Token) -> dict[str, Any]:
+    return dict(token.run("visibility")[1])
+
+
+def fact_21(token: Token) -> dict[str, Any]:
+    count, racers = 300, 3
+    prefix = f"fact21-{os.getpid()}"
+    token.run("create_data", *(f"{prefix}-{i}" for i in range(count)))
+    start = str(time.time() + 3.0)
+    env = {**os.environ, **token.token.env()}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "destroy",
+                token.token.module,
+                token.token.label,
+                prefix,
+                str(count),
+                start,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(racers)
+    ]
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a destroying process failed ({proc.returncode}):\n{err[-2000:]}")
+        outcomes.append(json.loads(out.strip().splitlines()[-1])["outcomes"])
+    winners = [sum(o[i] == "ok" for o in outcomes) for i in range(count)]
+    losses: dict[str, int] = {}
+    for o in outcomes:
+        for outcome in o:
+            if outcome != "ok":
+                losses[outcome] = losses.get(outcome, 0) + 1
+    return {
+        "objects": count,
+        "processes": racers,
+        "objects_by_number_of_successful_destroys": {
+            str(n): winners.count(n) for n in sorted(set(winners))
+        },
+        "failed_destroys": losses,
+    }
+
+
 FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "1": fact_1,
     "2": fact_2,
@@ -411,6 +524,8 @@ FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "12": fact_12,
     "14": fact_14,
     "19": fact_19,
+    "20": fact_20,
+    "21": fact_21,
 }
 
 
