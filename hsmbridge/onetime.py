@@ -470,7 +470,10 @@ class OneTimeKeys:
             plaintext = decrypt(key)
         finally:
             with contextlib.suppress(HSMError):
-                self._store.destroy_key(self.name, kid)
+                if entry is not None:  # this process's key: no lookup
+                    self._store.discard(entry[0])
+                else:
+                    self._store.destroy_key(self.name, kid)
         with self._cond:
             self._counters.decrypted += 1
         return plaintext

@@ -141,8 +141,9 @@ class Pkcs11HSM(HSM):
         ``fresh``: the caller made ``key_id`` (and a label containing it) from 128
         random bits, so no other key can share them: the searches for a key
         with the same label or id, and the twin check after a pause, are
-        skipped, and the key is made on a session of its own instead of the
-        admin session (one-time keys' pool; benchmarks/bench_onetime.py).
+        skipped, and (on a token that takes concurrent sessions) the key is made
+        on a session of its own instead of the admin session (one-time keys'
+        pool; benchmarks/bench_onetime.py).
         """
         uses = check_new_key(spec, label, usage)
         gen = rsa.generate if isinstance(spec, RSA) else ec.generate
@@ -220,7 +221,8 @@ class Pkcs11HSM(HSM):
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
-        with self.pool.generator() if fresh else self.pool.admin() as session:
+        aside = fresh and self.profile.max_sessions > 1 and self.module.thread_safe
+        with self.pool.generator() if aside else self.pool.admin() as session:
             if not fresh and self._find(session, {Attribute.LABEL: label}):
                 raise KeyExists(
                     f"a key labelled {label!r} already exists in {self.description}; "
@@ -265,6 +267,8 @@ class Pkcs11HSM(HSM):
             finally:
                 self.keys.forget(label, raw_id)
             key = Pkcs11Key(self, KeyInfo(label, raw_id.hex(), spec, usage), int(priv.handle))
+            if fresh and isinstance(spec, RSA):  # read here: no search for it later
+                key._der = rsa.public_key_der(priv)
             if not_after is not None:
                 key.validity = expiry_validity(self, label, not_after)
         # The checks above and the creation are not one atomic step: another
