@@ -32,6 +32,7 @@ from hsmbridge import (
     HSM,
     RSA,
     BatchItemError,
+    ConfigurationError,
     DecryptionFailed,
     Ed25519,
     HSMError,
@@ -818,9 +819,14 @@ def test_one_time_keys_with_an_independent_jose_library(keyring: Keyring, hsm: H
     from hsmbridge import KeyExpired
     from hsmbridge.onetime import ALGS
 
+    gaps = gaps_of(hsm)
+    if gaps.one_time_keys is not None:
+        if "ConfigurationError" in gaps.one_time_keys:
+            with pytest.raises(ConfigurationError, match="several sessions used at once"):
+                hsm.one_time_keys(RSA(2048), alg="RSA-OAEP")
+        pytest.skip(f"module gap: {gaps.one_time_keys}")
     signer = keyring.get("rsa2048")
     verifier = jwk.JWKSet.from_json(json.dumps({"keys": [signer.public_key_jwk()]}))
-    gaps = gaps_of(hsm)
     if Mechanism.RSA_OAEP_SHA256 not in gaps.mechanisms:  # the default where the HSM has it
         with hsm.one_time_keys(RSA(2048), pool=1, name=f"d{uuid.uuid4().hex[:10]}") as otk:
             assert otk.alg == "RSA-OAEP-256"

@@ -30,6 +30,8 @@ class Gaps:
     extra_usages: str | None = None
     #: why a key that failed a decryption cannot be deleted in the same process
     delete_after_failed_decrypt: str | None = None
+    #: why one-time keys (hsmbridge.onetime) do not work on the module
+    one_time_keys: str | None = None
 
 
 _SOFTHSM_OAEP = "SoftHSM2 2.6.1 implements RSA-OAEP with SHA-1 only"
@@ -92,6 +94,10 @@ GAPS: dict[str, Gaps] = {
             "after a failed RSA-OAEP decryption tpm2-pkcs11 1.9 keeps the key marked in "
             "use: C_DestroyObject answers CKR_FUNCTION_FAILED until the process ends"
         ),
+        one_time_keys=(
+            "one-time keys refill in a background thread, and tpm2-pkcs11 fails with two "
+            "sessions used at once (issue #843): refused up front with ConfigurationError"
+        ),
     ),
     "nss": Gaps(
         specs={"ed25519": _NO_ED25519},
@@ -101,5 +107,9 @@ GAPS: dict[str, Gaps] = {
                 f"(CKR_GENERAL_ERROR): {_NOT_KEPT}"
             )
         },
+        one_time_keys=(
+            "NSS softokn refuses hsmbridge's CKO_DATA records (C_CreateObject: "
+            "CKR_ATTRIBUTE_VALUE_INVALID), where one-time keys keep their tickets"
+        ),
     ),
 }

@@ -433,8 +433,17 @@ class Pkcs11HSM(HSM):
         return self.rings
 
     def one_time_store(self) -> Pkcs11OneTimeStore:
+        """One-time keys refill their pool in a background thread, while other threads
+        issue and decrypt: a token that cannot take that is refused here."""
         from .otkstore import Pkcs11OneTimeStore
 
+        if not (self.profile.facts.concurrent_sessions and self.module.thread_safe):
+            raise ConfigurationError(
+                f"{self.description} ({self.profile.facts.name}) is not known to work with "
+                "several sessions used at once, which one-time keys need (their pool is "
+                "refilled in the background while keys are issued and used); use a token "
+                "that does (hsmbridge info shows 'concurrent sessions')"
+            )
         return Pkcs11OneTimeStore(self)
 
     def supported_mechanisms(self) -> list[Mechanism]:
