@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,16 @@ def test_sigkill_while_issuing_loses_no_issued_key(
             assert otk.decrypt_jwe(encrypt(r["jwk"], b"after the crash")) == b"after the crash"
             with pytest.raises(KeyExpired):
                 otk.decrypt_jwe(encrypt(r["jwk"], b"again"))
+    # a day later a sweep anywhere removes what the killed processes left: their never-issued
+    # pool keys (pooled over 24 h ago) and the expired keys' records
+    later = datetime.now(UTC) + timedelta(hours=25)
+    with hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin, clock=lambda: later) as hsm:
+        sweeper = hsm.one_time_keys(otk_worker.SPEC, pool=1, alg=otk_worker.ALG, name=name)
+        sweeper.close()
+        assert sweeper.sweep()
+        assert not [i for i in token_hsm.list_keys() if i.label.startswith(f"otk.{name}.")]
+        assert sweeper.sweep() == []
+        assert sweeper._store.contents(name) == ([], [])  # no record left either
 
 
 def test_sigkill_while_decrypting_never_decrypts_twice(
