@@ -52,15 +52,14 @@ class NetHSMOneTimeStore(OneTimeStore):
         self.hsm.rings.write_expiry(key, from_instant(expires_at))  # type: ignore[arg-type]
 
     def issued(self, name: str, kid: str) -> int | None:
-        try:
-            key = self.key(name, kid)
-        except KeyNotFound:
-            claim = self._claim_of(name, kid)
-            return claim[1] if claim is not None else None
-        validity = self.hsm.rings.validity_of(key)  # type: ignore[arg-type]
-        if validity is None or validity.not_after is None:
-            return None  # a pool key, never issued
-        return int(validity.not_after.timestamp())
+        """From the key's certificate; else (the key is used and gone, or going right
+        now) from its claim key, and the claim then says it is used."""
+        with contextlib.suppress(KeyNotFound):
+            validity = self.hsm.rings.validity_of(self.key(name, kid))  # type: ignore[arg-type]
+            if validity is not None and validity.not_after is not None:
+                return int(validity.not_after.timestamp())
+        claim = self._claim_of(name, kid)
+        return claim[1] if claim is not None else None
 
     def _claim_of(self, name: str, kid: str) -> tuple[int, int] | None:
         """(claimed, expires_at) of the kid's claim key, if any."""
