@@ -10,7 +10,9 @@ On a fresh SoftHSM2 token, side by side in one run:
   and wall time per key. Also ``generate_key`` without its twin recheck's
   20 ms pause (the difference is the recheck);
 - *issue*: ``issue()`` from a warm pool (``fill()`` first), with an RS256
-  signer: p50/p99 wall time over every issue of every round;
+  signer: p50/p99 wall time over every issue of every round, with the
+  refiller running (as in service) and held back (issue() alone), and the
+  parts: one C_CreateObject (issue() makes two) and one RS256 signature;
 - *live*: with ``--live`` issued, undecrypted one-time keys in the token
   (imported copies of one RSA key plus their records: what a token full of
   live keys holds, made quickly), ``issue()`` and ``decrypt_jwe`` (in the
@@ -120,11 +122,15 @@ def refill(hsm: Any, n: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def issue_latency(hsm: Any, signer: Any, n: int, rounds: int) -> dict[str, Any]:
+def issue_latency(hsm: Any, signer: Any, n: int, rounds: int, *, idle: bool) -> dict[str, Any]:
+    """issue() from a full pool; ``idle``: the refiller is held back meanwhile (what
+    issue() itself costs, without a key generation competing for the CPU)."""
     times: list[float] = []
     for _ in range(rounds):
         with hsm.one_time_keys(SPEC, pool=n, signer=signer, alg=ALG, name="bench") as otk:
             otk.fill()
+            if idle:
+                otk._target = 0  # the refillers wait while the pool holds >= 0 keys
             for _ in range(n):
                 start = time.perf_counter()
                 otk.issue()
@@ -135,6 +141,29 @@ def issue_latency(hsm: Any, signer: Any, n: int, rounds: int) -> dict[str, Any]:
         "p50_ms": round(percentile(times, 50), 3),
         "p99_ms": round(percentile(times, 99), 3),
         "max_ms": round(max(times), 3),
+    }
+
+
+def write_latency(hsm: Any, n: int) -> dict[str, float]:
+    """One C_CreateObject of a small data object (issue() makes two) and one RS256
+    context signature: the parts of issue()'s time."""
+    from hsmbridge import jose
+
+    create, sign = [], []
+    key = hsm.key_ring("context").primary
+    for i in range(n):
+        with hsm.pool.admin() as session:
+            start = time.perf_counter()
+            obj = write_data(session, f"bench-write-{i}", b"\x01", {})
+            create.append((time.perf_counter() - start) * 1e3)
+            obj.destroy()
+        start = time.perf_counter()
+        jose.sign_jwt(key, {"jwk": {}}, alg="RS256")
+        sign.append((time.perf_counter() - start) * 1e3)
+    return {
+        "create_object_p50_ms": round(percentile(create, 50), 3),
+        "create_object_p99_ms": round(percentile(create, 99), 3),
+        "rs256_context_p50_ms": round(percentile(sign, 50), 3),
     }
 
 
@@ -200,7 +229,11 @@ def main() -> None:
     print("refill ...", flush=True)
     summary["refill"] = refill(hsm, args.keys, args.rounds)
     print("issue ...", flush=True)
-    summary["issue_warm_pool"] = issue_latency(hsm, ring, args.keys, args.rounds)
+    summary["issue_warm_pool"] = issue_latency(hsm, ring, args.keys, args.rounds, idle=False)
+    summary["issue_warm_pool_refill_idle"] = issue_latency(
+        hsm, ring, args.keys, args.rounds, idle=True
+    )
+    summary["issue_parts"] = write_latency(hsm, 4 * args.keys)
     print("use, nearly empty token ...", flush=True)
     small = use_latency(hsm, other, args.uses)
     print(f"filling the token with {args.live} live one-time keys ...", flush=True)
