@@ -1041,10 +1041,6 @@ class HSM(abc.ABC):
 
         return sweep(self, dry_run=dry_run)
 
-    def supported_mechanisms(self) -> list[Mechanism]:
-        """The mechanisms this HSM offers; backends that learn it from the HSM narrow this."""
-        return list(Mechanism)
-
     # -- one-time keys (hsmbridge.onetime) ------------------------------------------------------
 
     def one_time_store(self) -> OneTimeStore:

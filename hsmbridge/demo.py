@@ -119,7 +119,12 @@ def _verify(
 
 def _one_time_keys(hsm: HSM, signer: Key, suffix: str) -> None:
     """The tokenisation flow: issue, the browser encrypts, decrypt once (timed)."""
-    alg = "RSA-OAEP-256" if Mechanism.RSA_OAEP_SHA256 in hsm.supported_mechanisms() else "RSA-OAEP"
+    offered = hsm.supported_mechanisms()  # None: learned on use (a NetHSM has every hash)
+    alg = (
+        "RSA-OAEP"
+        if offered is not None and Mechanism.RSA_OAEP_SHA256 not in offered
+        else "RSA-OAEP-256"
+    )
     print(f"\none-time keys (alg {alg}{'' if alg.endswith('256') else ': no OAEP-SHA256 here'})")
     with hsm.one_time_keys(RSA(2048), pool=4, signer=signer, alg=alg, name=f"demo{suffix}") as otk:
         _, t_fill = _timed(otk.fill)

@@ -263,9 +263,15 @@ class OneTimeKeys:
         for thread in self._refillers:
             thread.start()
 
+    def _offered(self) -> set[Mechanism]:
+        """What the HSM can decrypt with, said in advance; a backend that learns it on use
+        (NetHSM: every OAEP hash, docs/design.md fact 6) is taken at its word."""
+        listed = self.hsm.supported_mechanisms()
+        return set(Mechanism) if listed is None else set(listed)
+
     def _choose_alg(self, alg: str | None) -> tuple[str, Mechanism]:
         """The JWE ``alg`` keys are issued for; RSA-OAEP-256 only where the HSM has it."""
-        offered = set(self.hsm.supported_mechanisms())
+        offered = self._offered()
         if alg is None:
             if Mechanism.RSA_OAEP_SHA256 in offered:
                 return "RSA-OAEP-256", Mechanism.RSA_OAEP_SHA256
@@ -439,7 +445,7 @@ class OneTimeKeys:
                 f"one-time keys decrypt RSA-OAEP only, not {mech.value} (PKCS#1 v1.5 "
                 "decryption is a padding oracle); use rsa-oaep-sha256 or rsa-oaep-sha1"
             )
-        if mech not in self.hsm.supported_mechanisms():
+        if mech not in self._offered():
             raise MechanismNotSupported(f"{self.hsm.description} cannot decrypt {mech.value}")
         if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
             raise InvalidInput(f"ciphertext must be bytes, not {type(ciphertext).__name__}")
