@@ -138,8 +138,10 @@ class OneTimeStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    def generate(self, name: str, kid: str, spec: RSA, pooled: int) -> Key:
-        """A decrypt-only key pair for the pool, named by ``kid``, pooled at ``pooled``."""
+    def generate(self, name: str, kid: str, spec: RSA, pooled: int, mechanism: Mechanism) -> Key:
+        """A decrypt-only key pair for the pool, named by ``kid``, pooled at ``pooled``,
+        that decrypts with ``mechanism`` (:class:`MechanismNotSupported` if the HSM
+        gave it less)."""
 
     @abc.abstractmethod
     def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
@@ -330,7 +332,7 @@ class OneTimeKeys:
         kid = uuid.uuid4().hex
         started = time.perf_counter()
         now = to_instant(self.hsm.clock())
-        key = self._store.generate(self.name, kid, self.spec, now)
+        key = self._store.generate(self.name, kid, self.spec, now, self.mechanism)
         jwk = {**key.public_key_jwk(), "kid": kid, "use": "enc", "alg": self.alg}
         with self._cond:
             self._counters.generated += 1
@@ -353,15 +355,17 @@ class OneTimeKeys:
             return pooled
 
     def _exhausted_message(self) -> str:
-        rate = self._rate()
-        why = (
-            f" (the last refill failed: {self._refill_error.message})" if self._refill_error else ""
-        )
+        if self._refill_error is not None:  # not a matter of rate: the refill fails
+            return (
+                f"no one-time key ready within {self._wait:g} s: refilling pool {self.name!r} "
+                f"fails: {self._refill_error.message}"
+            )
         return (
             f"no one-time key ready within {self._wait:g} s: issue() outran the refill of pool "
-            f"{self.name!r}{why}, which makes {rate:.1f} keys/s with {self._threads} thread(s); "
-            f"raise pool= (now {self._target}) to absorb bursts, refill_threads= (now "
-            f"{self._threads}) if the HSM has cores to spare, or wait= (now {self._wait:g} s)"
+            f"{self.name!r}, which makes {self._rate():.1f} keys/s with {self._threads} "
+            f"thread(s); raise pool= (now {self._target}) to absorb bursts, refill_threads= "
+            f"(now {self._threads}) if the HSM has cores to spare, or wait= (now "
+            f"{self._wait:g} s)"
         )
 
     def fill(self, timeout: float | None = None) -> None:

@@ -211,3 +211,16 @@ def test_alg_choice_is_explicit_where_the_token_lacks_oaep_sha256(softhsm_token:
     with pytest.raises(InvalidInput, match="pool name"):
         hsm.one_time_keys(RSA(2048), alg="RSA-OAEP", name="a.b")
     hsm.close()
+
+
+def test_nethsm_never_issues_a_key_it_cannot_decrypt_with(nethsm_hsm: hsmbridge.HSM) -> None:
+    """A NetHSM cannot list its mechanisms in advance, and hsmbridge serve over SoftHSM2
+    gives keys OAEP-SHA1 only: a pool for RSA-OAEP-256 says so instead of issuing."""
+    with nethsm_hsm.one_time_keys(
+        RSA(1024), pool=1, alg="RSA-OAEP-256", name=pool_name(), wait=timedelta(seconds=3)
+    ) as otk:
+        with pytest.raises(
+            PoolExhausted, match=r"fails: .* decrypt only rsa-oaep-sha1.* not rsa-oaep-sha256"
+        ):
+            otk.issue()
+        assert otk.stats()["issued"] == 0

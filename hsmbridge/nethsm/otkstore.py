@@ -21,9 +21,11 @@ import time
 from typing import TYPE_CHECKING
 
 from ..api import EC, RSA, Key
-from ..errors import KeyExists, KeyNotFound
+from ..errors import HSMError, KeyExists, KeyNotFound, MechanismNotSupported
+from ..mechanisms import Mechanism
 from ..onetime import STALE_CLAIM, OneTimeStore, PoolKey, StoredKey
 from ..rings import from_instant
+from . import vocabulary
 
 if TYPE_CHECKING:
     from .backend import NetHSM
@@ -42,11 +44,22 @@ class NetHSMOneTimeStore(OneTimeStore):
     def __init__(self, hsm: NetHSM) -> None:
         self.hsm = hsm
 
-    def generate(self, name: str, kid: str, spec: RSA, pooled: int) -> Key:
-        return self.hsm.generate_with_id(
+    def generate(self, name: str, kid: str, spec: RSA, pooled: int, mechanism: Mechanism) -> Key:
+        """A NetHSM cannot say its mechanisms in advance, and ``hsmbridge serve`` gives a key
+        only those its token performs: a key without ``mechanism`` is refused here."""
+        key = self.hsm.generate_with_id(
             spec, key_id(name, kid), f"otk@{pooled}", frozenset({"decrypt"}),
             f"generating one-time key {kid}",
         )  # fmt: skip
+        offered = vocabulary.offered_mechanisms(spec, key.mechanisms, sign=False)
+        if mechanism.value not in offered:
+            with contextlib.suppress(HSMError):
+                key.delete()
+            raise MechanismNotSupported(
+                f"{self.hsm.description} makes keys that decrypt only {', '.join(offered)}, "
+                f"not {mechanism.value}; make the pool with the alg= of one of those"
+            )
+        return key
 
     def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
         self.hsm.rings.write_expiry(key, from_instant(expires_at))  # type: ignore[arg-type]

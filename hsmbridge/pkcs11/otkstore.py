@@ -35,6 +35,7 @@ import pkcs11.exceptions as p11x
 
 from ..api import RSA, Key
 from ..errors import KeyNotFound
+from ..mechanisms import Mechanism
 from ..onetime import OneTimeStore, PoolKey, StoredKey
 from .ringstore import abandoned, read_data, write_data
 
@@ -56,7 +57,8 @@ class Pkcs11OneTimeStore(OneTimeStore):
         # tickets this process wrote, by kid: its own decrypts destroy them without a search
         self._tickets: dict[str, Any] = {}
 
-    def generate(self, name: str, kid: str, spec: RSA, pooled: int) -> Key:
+    def generate(self, name: str, kid: str, spec: RSA, pooled: int, mechanism: Mechanism) -> Key:
+        # the token's mechanisms were checked when the pool was made (OneTimeKeys._choose_alg)
         return self.hsm.generate_dated(
             spec, key_label(name, kid, pooled), usage="decrypt", key_id=kid, fresh=True
         )
