@@ -37,14 +37,11 @@ import contextvars
 import copy
 import functools
 import hashlib
-import logging
-import os
-import sys
-import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import batch
 from .api import HSM, Key, KeyInfo, KeySpec, _window
 from .errors import HSMError, InvalidInput
 from .mechanisms import Mechanism
@@ -53,7 +50,6 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 _T = TypeVar("_T")
-log = logging.getLogger("hsmbridge.aio")
 
 #: engine batches one key and mechanism may have running at once
 IN_FLIGHT = 2
@@ -63,7 +59,8 @@ MAX_BATCH = 512
 WAKE_SLICE = 32
 #: messages up to this size are hashed on the event loop; larger ones in the pool
 HASH_ON_LOOP = 16 * 1024
-#: how much lower than the event loop's the pool threads' CPU priority is (nice)
+#: how much lower than the event loop's the CPU priority of the threads computing
+#: in a software token is (Linux nice; see hsmbridge.batch.worker_nice)
 WORKER_NICE = 10
 
 
@@ -78,29 +75,11 @@ def open(
 
     Options are :func:`hsmbridge.open`'s. ``workers`` bounds the threads that
     run blocking calls (batches, key management) for this handle;
-    ``worker_nice`` is how much lower than the event loop's their CPU
-    priority is (Linux; 0 keeps it equal): see :func:`_lower_priority`.
+    ``worker_nice`` is how much lower than the event loop's the CPU priority
+    of the native engine's threads is (Linux; 0 keeps it equal): see
+    :data:`hsmbridge.batch.worker_nice`.
     """
     return AsyncHSM(uri, workers=workers, worker_nice=worker_nice, **options)
-
-
-def _lower_priority(nice: int) -> None:
-    """Lower the calling pool thread's CPU priority by ``nice`` (a thread initializer).
-
-    A software token (SoftHSM2) does its cryptography on the host's cores in
-    the threads that call it: a batch keeps every core busy, and the event
-    loop thread waking for a timer or a socket then waits for the kernel to
-    preempt one of them (docs/design.md, "asyncio and the event loop").
-    Threads a pool thread starts inherit its priority, so the native engine's
-    workers run at the lower priority too. On Linux a thread's nice value is
-    its own; elsewhere it is the process's, so nothing is changed there.
-    """
-    if nice and sys.platform == "linux":
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-        except OSError as exc:  # a sandbox that forbids it: run at the loop's priority
-            log.debug("could not lower the priority of an hsmbridge.aio thread: %s", exc)
 
 
 class AsyncHSM:
@@ -126,9 +105,8 @@ class AsyncHSM:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="hsmbridge-aio",
-            initializer=_lower_priority,
-            initargs=(worker_nice,),
         )
+        self._worker_nice = worker_nice
         self._hsm: HSM | None = None
         self._owned = True
 
@@ -160,6 +138,10 @@ class AsyncHSM:
         """Run a blocking call in this handle's pool (the caller's context variables go along)."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
+        # A software token computes in the threads that call it and keeps every
+        # core busy; the loop thread must not queue behind them for a core
+        # (docs/design.md, "asyncio and the event loop").
+        ctx.run(batch.worker_nice.set, self._worker_nice)
         call = functools.partial(ctx.run, fn, *args, **kwargs)
         return await loop.run_in_executor(self._executor, call)
 

@@ -8,6 +8,7 @@ release the GIL inside each HSM call, so threads run the HSM in parallel.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,6 +16,14 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from .errors import BatchItemError, HSMError
+
+#: How much lower than its caller's the CPU priority of the threads that run a
+#: batch in the HSM is (Linux nice; 0: the same). Set by hsmbridge.aio for the
+#: calls it makes, so a software token's cryptography yields the CPU to the
+#: event loop thread (docs/design.md, "asyncio and the event loop"); the native
+#: engine honours it, the pure-Python engine's threads (which hold the GIL
+#: between HSM calls) do not.
+worker_nice: contextvars.ContextVar[int] = contextvars.ContextVar("worker_nice", default=0)
 
 Operation = Callable[[bytes], bytes]
 BatchWorker = AbstractContextManager[Operation]

@@ -29,6 +29,7 @@
 #include <Python.h>
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -37,6 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "pkcs11_min.h"
 
@@ -288,6 +294,7 @@ typedef struct {
     CK_SESSION_HANDLE session;
     pthread_t tid;
     int started;
+    int nice; /* added to this thread's nice value before it works (Linux) */
 } worker_t;
 
 static void
@@ -463,11 +470,32 @@ make_mechanism(const batch_t *b, CK_MECHANISM *mech, CK_RSA_PKCS_PSS_PARAMS *pss
     }
 }
 
+/* Lower the calling thread's CPU priority by `nice` (Linux: nice is per thread;
+ * elsewhere it is the process's, so nothing is done). Only threads started for
+ * one batch call this, and they end with it. */
+static void
+lower_priority(int nice)
+{
+#ifdef __linux__
+    if (nice > 0) {
+        id_t tid = (id_t)syscall(SYS_gettid);
+        errno = 0;
+        int now = getpriority(PRIO_PROCESS, tid);
+        if (errno == 0)
+            (void)setpriority(PRIO_PROCESS, tid, now + nice);
+    }
+#else
+    (void)nice;
+#endif
+}
+
 static void *
 worker_main(void *arg)
 {
     worker_t *w = (worker_t *)arg;
     batch_t *b = w->b;
+
+    lower_priority(w->nice);
 
     /* Each worker gets its own copy of the mechanism and its parameters. */
     CK_RSA_PKCS_PSS_PARAMS pss = b->pss;
@@ -746,7 +774,7 @@ fail:
 
 PyDoc_STRVAR(run_batch_doc,
 "run_batch(module_path, op, sessions, key_handle, mechanism, param, inputs, out_len,\n"
-"          stop_on_error=False, ecdsa_der=False) -> list[bytes | int | None]\n"
+"          stop_on_error=False, ecdsa_der=False, nice=0) -> list[bytes | int | None]\n"
 "\n"
 "Sign (op=0: C_SignInit + C_Sign) or decrypt (op=1: C_DecryptInit + C_Decrypt)\n"
 "every input with one private key, one native thread per session, the GIL\n"
@@ -761,6 +789,9 @@ PyDoc_STRVAR(run_batch_doc,
 "out_len: output buffer per item (modulus bytes for RSA, 2*field bytes for ECDSA).\n"
 "stop_on_error: once an item fails, take no new items.\n"
 "ecdsa_der: encode each output (ECDSA r||s) as a DER signature.\n"
+"nice: when above 0, every session gets a new thread that lowers its own CPU\n"
+"    priority by this much first (Linux), and the calling thread only waits:\n"
+"    the caller's threads keep their priority (hsmbridge.aio, docs/design.md).\n"
 "\n"
 "Returns a list in input order: bytes (the output), int (the CK_RV of a failed\n"
 "item) or None (not attempted because stop_on_error stopped the batch).");
@@ -770,13 +801,14 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"module_path", "op",     "sessions", "key_handle",    "mechanism",
                              "param",       "inputs", "out_len",  "stop_on_error", "ecdsa_der",
-                             NULL};
+                             "nice",        NULL};
     PyObject *path_bytes = NULL;
     int op;
     PyObject *sessions_obj, *key_obj, *mech_obj, *param_obj, *inputs_obj;
     Py_ssize_t out_len;
     int stop_on_error = 0;
     int ecdsa_der = 0;
+    int nice = 0;
 
     PyObject *inputs_seq = NULL, *result = NULL;
     CK_SESSION_HANDLE *sessions = NULL;
@@ -789,11 +821,16 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     batch_t *b = NULL;
 
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|pp:run_batch", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|ppi:run_batch", kwlist,
                                      PyUnicode_FSConverter, &path_bytes, &op, &sessions_obj,
                                      &key_obj, &mech_obj, &param_obj, &inputs_obj, &out_len,
-                                     &stop_on_error, &ecdsa_der))
+                                     &stop_on_error, &ecdsa_der, &nice))
         return NULL;
+    if (nice < 0 || nice > 19) {
+        Py_XDECREF(path_bytes);
+        PyErr_Format(PyExc_ValueError, "nice must be 0-19, got %d", nice);
+        return NULL;
+    }
 
     b = PyMem_Calloc(1, sizeof(batch_t));
     if (b == NULL) {
@@ -847,10 +884,13 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     for (i = 0; i < nthreads; i++) {
         workers[i].b = b;
         workers[i].session = sessions[i];
+        workers[i].nice = nice;
     }
+    /* With nice, the calling thread only waits (it keeps its priority). */
+    size_t first_new = nice > 0 ? 0 : 1;
 
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads > 1) {
+    if (nthreads > first_new) {
         /* Workers block asynchronous signals (SIGINT, ...) so that they are
          * delivered to Python's thread; faults stay deliverable. */
         sigset_t all, old;
@@ -861,15 +901,26 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
         sigdelset(&all, SIGILL);
         sigdelset(&all, SIGABRT);
         pthread_sigmask(SIG_SETMASK, &all, &old);
-        for (i = 1; i < nthreads; i++) {
+        for (i = first_new; i < nthreads; i++) {
             /* A thread that cannot be created leaves its session unused. */
             workers[i].started =
                 pthread_create(&workers[i].tid, NULL, worker_main, &workers[i]) == 0;
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
-    worker_main(&workers[0]); /* the calling thread works too */
-    for (i = 1; i < nthreads; i++) {
+    if (first_new == 1)
+        worker_main(&workers[0]); /* the calling thread works too */
+    else {
+        /* No thread at all could be started: work here, at the caller's priority. */
+        int any = 0;
+        for (i = 0; i < nthreads; i++)
+            any |= workers[i].started;
+        if (!any) {
+            workers[0].nice = 0;
+            worker_main(&workers[0]);
+        }
+    }
+    for (i = first_new; i < nthreads; i++) {
         if (workers[i].started)
             pthread_join(workers[i].tid, NULL);
     }

@@ -20,7 +20,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
 from ..api import RSA, Key, KeyInfo, Op, Result, Validity, default_threads, require_usage
-from ..batch import Operation, run_batch
+from ..batch import Operation, run_batch, worker_nice
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
 from . import certs, ec, rsa
@@ -119,6 +119,7 @@ class Pkcs11Key(Key):
                 self._output_length(),
                 stop_on_error,
                 der,
+                worker_nice.get(),
             )
             results: list[Result] = []
             redo: list[int] = []  # items lost to a broken session, safe to repeat
