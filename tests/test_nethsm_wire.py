@@ -154,3 +154,30 @@ def _list_call() -> Call:
 
 def _delete_call() -> Call:
     return Call("deleting key 'k1'", ADMINISTRATOR, safe=False, key_id="k1")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 2048,
+    ],
+    ids=["content-length", "negative", "chunked", "until-eof"],
+)
+def test_an_answer_longer_than_max_body_is_refused(
+    certificate: tuple[Path, Path, str], answer: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server's claimed or actual body length never becomes an allocation of that size."""
+    from urllib3.exceptions import ProtocolError
+
+    from hsmbridge.nethsm import wire
+
+    monkeypatch.setattr(wire, "MAX_BODY", 1000)
+    cert, key, fingerprint = certificate
+    with ScriptedServer(cert, key, [answer], close_after=True) as server:
+        wires = _wires(server, fingerprint)
+        with pytest.raises(ProtocolError, match=r"negative|longer than 1000 bytes"):
+            wires.request("GET", "/backup", {}, None, TIMEOUT)
+        wires.close()

@@ -36,6 +36,9 @@ from .errors import Answer
 MAX_LINE = 65536
 #: Most header lines in an answer.
 MAX_HEADERS = 100
+#: Largest answer body read (bytes): a backup is the largest a NetHSM sends; a
+#: longer one is a ProtocolError, not an allocation the size a server claims.
+MAX_BODY = 256 * 1024 * 1024
 #: Characters sent as they are in a request target; others are percent-encoded.
 _TARGET_SAFE = "/?=&%~:@!$'()*+,;-._"
 
@@ -90,11 +93,12 @@ class Wire:
         if chunked:
             return status, self._read_chunked(reader), retry_after, keep
         if length is not None:
-            data = reader.read(length)
+            data = reader.read(_bounded(length))
             if len(data) != length:
                 raise u3.ProtocolError("Connection broken: the answer's body was cut short")
             return status, data, retry_after, keep
-        return status, reader.read(), retry_after, False  # until the server closes
+        data = reader.read(MAX_BODY + 1)  # until the server closes
+        return status, data[: _bounded(len(data))], retry_after, False
 
     @staticmethod
     def _read_head(reader: BinaryIO) -> tuple[int, str | None, int | None, bool, bool]:
@@ -135,6 +139,7 @@ class Wire:
     @staticmethod
     def _read_chunked(reader: BinaryIO) -> bytes:
         parts: list[bytes] = []
+        total = 0
         while True:
             size_line = reader.readline(MAX_LINE + 1)
             try:
@@ -145,6 +150,7 @@ class Wire:
                 while reader.readline(MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
                 return b"".join(parts)
+            total = _bounded(total + size)
             chunk = reader.read(size + 2)
             if len(chunk) != size + 2:
                 raise u3.ProtocolError("Connection broken: a chunk of the answer was cut short")
@@ -156,6 +162,17 @@ class Wire:
             self.sock.close()
         except OSError:
             pass
+
+
+def _bounded(length: int) -> int:
+    """``length`` if an answer body may be that long, else a ProtocolError."""
+    if length < 0:
+        raise u3.ProtocolError(f"the answer gives a negative body or chunk length ({length})")
+    if length > MAX_BODY:
+        raise u3.ProtocolError(
+            f"the answer's body is longer than {MAX_BODY} bytes (hsmbridge.nethsm.wire.MAX_BODY)"
+        )
+    return length
 
 
 class Wires:
