@@ -54,18 +54,21 @@ PROBE_SLEEP = 0.001
 
 
 class Probe:
-    """Sleeps PROBE_SLEEP in a loop; records how much later than asked it woke (seconds)."""
+    """Sleeps PROBE_SLEEP in a loop; records how much later than asked it woke and how
+    much CPU the loop thread used meanwhile (seconds): a late wake with the loop busy
+    is the loop's own work, one with the loop idle is a wait for the GIL or a core."""
 
     def __init__(self) -> None:
-        self.overshoots: list[float] = []
+        self.samples: list[tuple[float, float]] = []  # (overshoot, loop-thread CPU)
         self._stop = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stop:
-            start = loop.time()
+            start, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(PROBE_SLEEP)
-            self.overshoots.append(loop.time() - start - PROBE_SLEEP)
+            overshoot = loop.time() - start - PROBE_SLEEP
+            self.samples.append((overshoot, time.thread_time() - cpu))
 
     def stop(self) -> None:
         self._stop = True
@@ -89,7 +92,7 @@ async def _concurrent(
     return out
 
 
-def _idle_lag(seconds: float) -> list[float]:
+def _idle_lag(seconds: float) -> list[tuple[float, float]]:
     """The probe on an idle loop: what the machine itself adds (fact 18)."""
     probe = Probe()
 
@@ -100,7 +103,7 @@ def _idle_lag(seconds: float) -> list[float]:
         await task
 
     asyncio.run(main())
-    return probe.overshoots
+    return probe.samples
 
 
 def _timed(run: Callable[[], list[bytes]], count: int) -> dict[str, float]:
@@ -119,7 +122,7 @@ def _pct(values: list[float], q: float) -> float:
 def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
     messages = [os.urandom(32) + i.to_bytes(4, "big") for i in range(count)]
     rows: dict[str, list[dict[str, float]]] = {}
-    lags: dict[str, list[float]] = {
+    lags: dict[str, list[tuple[float, float]]] = {
         "idle-loop": [],
         "sync-batch": [],
         "aio-1000": [],
@@ -140,14 +143,14 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
             return out  # type: ignore[no-any-return]
 
         out = asyncio.run(main())
-        lags["sync-batch"] += probe.overshoots
+        lags["sync-batch"] += probe.samples
         return out
 
     def aio(name: str, worker_nice: int) -> Callable[[], list[bytes]]:
         def run() -> list[bytes]:
             probe = Probe()
             out = asyncio.run(_aio_round(hsm, key, messages, mechanism, probe, worker_nice))
-            lags[name] += probe.overshoots
+            lags[name] += probe.samples
             return out
 
         return run
@@ -159,7 +162,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
             return await asyncio.to_thread(key.sign, m, mechanism)  # type: ignore[no-any-return]
 
         out = asyncio.run(_concurrent(messages, sign, probe))
-        lags["to-thread-1000"] += probe.overshoots
+        lags["to-thread-1000"] += probe.samples
         return out
 
     contenders = {
@@ -178,13 +181,19 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
             "ops_per_s_median": round(statistics.median(r["ops_per_s"] for r in rounds)),
             "cpu_us_per_op_median": round(statistics.median(r["cpu_us_per_op"] for r in rounds), 1),
         }
-    for name, overshoots in lags.items():
-        ms = [v * 1000 for v in overshoots]
+    for name, samples in lags.items():
+        ms = [v * 1000 for v, _ in samples]
+        late = [(v * 1000, busy * 1000) for v, busy in samples if v > 0.001]
         summary.setdefault(name, {})["loop_lag_ms"] = {
             "samples": len(ms),
             "p50": round(_pct(ms, 0.50), 3),
             "p99": round(_pct(ms, 0.99), 3),
             "max": round(max(ms), 3),
+            # wakes over 1 ms late: how late on average, and how much of the
+            # interval (PROBE_SLEEP + lag) the loop thread spent on the CPU
+            "late_wakes": len(late),
+            "late_mean": round(statistics.mean(v for v, _ in late), 3) if late else None,
+            "late_loop_cpu_mean": round(statistics.mean(b for _, b in late), 3) if late else None,
         }
     for name in ("aio-1000", "aio-1000-nice0", "to-thread-1000"):
         pairs = zip(rows[name], rows["sync-batch"], strict=True)
