@@ -17,6 +17,9 @@ the loop responsive under load:
 - **Little Python off the loop.** Messages are hashed on the loop (small ones;
   large ones in the pool), so the pool thread runs a ``prehashed`` batch and
   holds the GIL only briefly around the engine call.
+- **The token's threads below the loop.** A software token computes on the
+  host's cores in the native engine's threads; they run ``worker_nice``
+  below the loop thread's CPU priority, so a waking loop gets a core.
 - **Completions in slices.** A finished batch wakes its waiters
   :data:`WAKE_SLICE` at a time, one loop iteration each, so a timer or a
   socket that became ready meanwhile is served between slices.
