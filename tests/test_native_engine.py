@@ -556,6 +556,8 @@ def test_module_not_loaded_raises_runtime_error(hsm: HSM) -> None:
         ({"out_len": 0}, ValueError, "out_len must be in"),
         ({"out_len": 1 << 30}, ValueError, "out_len must be in"),
         ({"module_path": 3}, TypeError, None),
+        ({"nice": -1}, ValueError, "nice must be 0-19"),
+        ({"nice": 20}, ValueError, "nice must be 0-19"),
     ],
 )
 def test_argument_validation(
