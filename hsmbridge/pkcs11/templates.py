@@ -97,6 +97,12 @@ TEMPLATE_REFUSED = (
     p11x.GeneralError,
     p11x.FunctionFailed,
 )
+#: Refusals that are also what a module answers to a passing failure (SoftHSM2
+#: under concurrent writes, fact 21): the same template is tried once more before
+#: the module is taken to refuse it, so one transient failure never makes every
+#: later key get the module's defaults (tpm2-pkcs11 and NSS refuse templates with
+#: CKR_GENERAL_ERROR, docs/tokens.md, and refuse the retry the same way).
+AMBIGUOUS_REFUSALS = (p11x.GeneralError, p11x.FunctionFailed)
 
 
 @dataclass
@@ -241,7 +247,10 @@ def generate_with_templates(
             with_allowed=quirks.allowed_mechanisms,
         )
         try:
-            result = generate(*templates)
+            try:
+                result = generate(*templates)
+            except AMBIGUOUS_REFUSALS:
+                result = generate(*templates)
         except TEMPLATE_REFUSED as exc:
             refusals.append(type(exc).__name__)
             if step != steps[-1]:
