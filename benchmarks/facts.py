@@ -514,6 +514,48 @@ def fact_21(token: Token) -> dict[str, Any]:
     }
 
 
+def fact_22(token: Token) -> dict[str, Any]:
+    """The loop probes (benchmarks/loopprobe.py) on a loop that does nothing else, each
+    alone, then the timer probe on the same loop woken by a thread with nothing to run
+    at random moments (about one wake-up per ms, like completions arriving from a pool,
+    or the socket probe's own). No HSM and no hsmbridge: the event loop alone."""
+    import asyncio
+    import random
+
+    from loopprobe import SocketProbe, TimerProbe, summary
+
+    def measure(probe: TimerProbe | SocketProbe, wakeups: bool) -> dict[str, Any]:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stop = threading.Event()
+
+            def waker() -> None:
+                while not stop.wait(random.uniform(0, 0.002)):
+                    loop.call_soon_threadsafe(lambda: None)
+
+            thread = threading.Thread(target=waker)
+            if wakeups:
+                thread.start()
+            probe.start()
+            await asyncio.sleep(3.0)
+            await probe.stop()
+            stop.set()
+            if wakeups:
+                thread.join()
+
+        asyncio.run(main())
+        if isinstance(probe, TimerProbe):
+            return summary([lag for lag, _ in probe.samples])
+        return summary(probe.samples)
+
+    del token  # no token: this is the event loop alone
+    return {
+        "timer_probe_idle_loop_ms": measure(TimerProbe(), False),
+        "timer_probe_woken_about_every_ms_ms": measure(TimerProbe(), True),
+        "socket_probe_idle_loop_ms": measure(SocketProbe(), False),
+    }
+
+
 FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "1": fact_1,
     "2": fact_2,
@@ -526,6 +568,7 @@ FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "19": fact_19,
     "20": fact_20,
     "21": fact_21,
+    "22": fact_22,
 }
 
 

@@ -12,8 +12,9 @@ the loop responsive under load:
   calls with the same mechanism are gathered into one ``sign_batch`` /
   ``decrypt_batch``: a thousand awaits cost a few engine batches (the native
   engine releases the GIL once per batch), not a thousand thread hand-offs.
-  At most :data:`IN_FLIGHT` batches per key and mechanism run at once; what
-  arrives meanwhile forms the next batch.
+  At most :data:`IN_FLIGHT` batches per key and mechanism run at once, the
+  second only once :data:`MIN_BATCH` calls wait; what arrives meanwhile forms
+  the next batch.
 - **Little Python off the loop.** Messages are hashed on the loop (small ones;
   large ones in the pool), so the pool thread runs a ``prehashed`` batch and
   holds the GIL only briefly around the engine call.
@@ -42,7 +43,7 @@ import functools
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import batch
 from .api import HSM, Key, KeyInfo, KeySpec, _window
@@ -58,8 +59,13 @@ _T = TypeVar("_T")
 IN_FLIGHT = 2
 #: most items one coalesced batch takes (bounds the GIL time of one hand-off)
 MAX_BATCH = 512
-#: waiters woken per loop iteration when a batch completes
-WAKE_SLICE = 32
+#: while a batch of a lane runs, items waiting before a second one is sent: fewer,
+#: larger batches mean fewer hand-offs between threads, each of which wakes the
+#: loop and takes the GIL (docs/design.md, "asyncio and the event loop")
+MIN_BATCH = 64
+#: waiters woken per loop iteration when a batch completes (each resumes its task
+#: in the next iteration: this bounds the loop's work between two I/O polls)
+WAKE_SLICE = 8
 #: messages up to this size are hashed on the event loop; larger ones in the pool
 HASH_ON_LOOP = 16 * 1024
 #: how much lower than the event loop's the CPU priority of the threads computing
@@ -215,8 +221,9 @@ class AsyncHSM:
         return f"<AsyncHSM {inner}>"
 
 
-@dataclass
-class _Item:
+class _Item(NamedTuple):
+    """One call waiting for (or in) a batch."""
+
     data: bytes
     future: asyncio.Future[bytes]
 
@@ -372,14 +379,18 @@ class AsyncKey:
         """Hash a large message in the pool (hashlib releases the GIL), not on the loop."""
         return await self._hsm._call(lambda: bytes(digest(data).digest()))
 
-    async def _submit(self, lane: _Lane, data: bytes) -> bytes:
+    def _submit(self, lane: _Lane, data: bytes) -> asyncio.Future[bytes]:
+        """Queue one call; the future its caller awaits (no coroutine frame of its own:
+        this runs once per call on the loop)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         lane.waiting.append(_Item(data, future))
-        if lane.running < IN_FLIGHT:
+        # A first batch goes at once; a second one only when MIN_BATCH items wait
+        # (otherwise what arrives waits for the running batch's end, see _finish).
+        if lane.running == 0 or (lane.running < IN_FLIGHT and len(lane.waiting) == MIN_BATCH):
             lane.running += 1
             loop.call_soon(self._dispatch, lane)
-        return await future
+        return future
 
     def _dispatch(self, lane: _Lane) -> None:
         """Send what is waiting (callers of this loop iteration included) as one batch."""

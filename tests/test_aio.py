@@ -207,6 +207,51 @@ def test_usage_error_reaches_every_coalesced_waiter(
     assert all(isinstance(r, hsmbridge.InvalidInput) and "usage" in str(r) for r in results)
 
 
+def test_calls_during_a_running_batch_wait_to_form_the_next(
+    pkcs11_hsm: hsmbridge.HSM, rsa_label: str
+) -> None:
+    """Fewer than MIN_BATCH calls arriving one per loop iteration while a batch runs
+    become one batch when it ends (not one small batch each); MIN_BATCH of them start
+    a second batch at once. Every signature is checked."""
+    late = hsmbridge.aio.MIN_BATCH // 4
+
+    async def main(hsm: hsmbridge.aio.AsyncHSM) -> tuple[list[int], list[bytes], Any]:
+        key = await hsm.get_key(rsa_label)
+        sizes: list[int] = []
+        real = key.sync.sign_batch
+
+        def counted(messages: list[bytes], *args: Any, **kwargs: Any) -> list[Any]:
+            if messages:
+                sizes.append(len(messages))
+            return real(messages, *args, **kwargs)
+
+        key.sync.sign_batch = counted  # type: ignore[method-assign]
+        # a first batch of 30 RSA signatures: tens of milliseconds in the token
+        tasks = [asyncio.ensure_future(key.sign(b"first-%d" % i, "rsa-pss-sha256"))
+                 for i in range(30)]  # fmt: skip
+        await asyncio.sleep(0)
+        for i in range(late):  # one call per iteration while the first batch runs
+            tasks.append(asyncio.ensure_future(key.sign(b"late-%d" % i, "rsa-pss-sha256")))
+            await asyncio.sleep(0)
+        sigs = list(await asyncio.gather(*tasks))
+        wave = [asyncio.ensure_future(key.sign(b"wave-%d" % i, "rsa-pss-sha256"))
+                for i in range(hsmbridge.aio.MIN_BATCH + 8)]  # fmt: skip
+        await asyncio.sleep(0)
+        more = [asyncio.ensure_future(key.sign(b"more-%d" % i, "rsa-pss-sha256"))
+                for i in range(hsmbridge.aio.MIN_BATCH)]  # fmt: skip
+        await asyncio.gather(*wave, *more)
+        return sizes, sigs, key.public_key()
+
+    sizes, sigs, public = run(main, pkcs11_hsm)
+    assert sizes[:2] == [30, late]
+    # the wave: one batch at once; the next MIN_BATCH arrivals start a second while it runs
+    assert sizes[2] == hsmbridge.aio.MIN_BATCH + 8 and sum(sizes[3:]) == hsmbridge.aio.MIN_BATCH
+    messages = [b"first-%d" % i for i in range(30)] + [b"late-%d" % i for i in range(late)]
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+    for message, sig in zip(messages, sigs, strict=True):
+        public.verify(sig, message, pss, hashes.SHA256())
+
+
 def _pool_intact(hsm: Pkcs11HSM) -> None:
     """Every worker session can be taken at once (none leaked), then all go back."""
     pool = hsm.pool
