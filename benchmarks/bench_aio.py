@@ -11,8 +11,9 @@ same ``COUNT`` messages are signed by each contender, alternating over
   the lag the same HSM work causes with no asyncio work at all);
 - ``aio-1000``: ``CONCURRENCY`` (1,000) tasks, each awaiting
   ``akey.sign(message)`` one message after another;
-- ``aio-1000-nice0``: the same with ``worker_nice=0`` (the pool threads at the
-  event loop's CPU priority), the effect of the default ``worker_nice``;
+- ``aio-1000-nice10`` and ``aio-1000-nice0``: the same with ``worker_nice=10``
+  and ``worker_nice=0`` instead of the default ``"idle"`` (the native engine's
+  threads at nice 10, or at the event loop's priority, instead of SCHED_IDLE);
 - ``to-thread-1000``: the same tasks calling ``await asyncio.to_thread(key.sign, m)``,
   what one would write without hsmbridge.aio.
 
@@ -51,6 +52,7 @@ from loopprobe import Probes, summary, timer_summary  # noqa: E402
 
 import hsmbridge  # noqa: E402
 import hsmbridge.aio  # noqa: E402
+import hsmbridge.batch  # noqa: E402
 
 COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_COUNT", "10000"))
 RSA_COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_RSA_COUNT", str(max(1000, COUNT // 10))))
@@ -111,7 +113,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
     async def sync_batch() -> list[bytes]:
         return await asyncio.to_thread(key.sign_batch, messages, mechanism)  # type: ignore[no-any-return]
 
-    def aio(worker_nice: int) -> Callable[[], Awaitable[list[bytes]]]:
+    def aio(worker_nice: hsmbridge.batch.WorkerNice) -> Callable[[], Awaitable[list[bytes]]]:
         async def work() -> list[bytes]:
             view = hsmbridge.aio.AsyncHSM.wrap(hsm, worker_nice=worker_nice)
             async_key = await view.get_key(key_id=key.id)
@@ -135,6 +137,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
     contenders: dict[str, Callable[[], Awaitable[list[bytes]]]] = {
         "sync-batch": sync_batch,
         "aio-1000": aio(hsmbridge.aio.WORKER_NICE),
+        "aio-1000-nice10": aio(10),
         "aio-1000-nice0": aio(0),
         "to-thread-1000": to_thread,
     }
@@ -153,7 +156,7 @@ def bench(hsm: Any, key: Any, mechanism: str, count: int) -> dict[str, Any]:
     for name, samples in lags.timer.items():
         summary_.setdefault(name, {})["loop_lag_ms"] = timer_summary(samples)
         summary_[name]["socket_lag_ms"] = summary(lags.socket[name])
-    for name in ("aio-1000", "aio-1000-nice0", "to-thread-1000"):
+    for name in ("aio-1000", "aio-1000-nice10", "aio-1000-nice0", "to-thread-1000"):
         pairs = list(zip(rows[name], rows["sync-batch"], strict=True))
         summary_[f"{name}_over_sync_batch"] = round(
             statistics.median(a["ops_per_s"] / s["ops_per_s"] for a, s in pairs), 3

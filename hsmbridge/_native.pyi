@@ -20,6 +20,7 @@ def run_batch(
     stop_on_error: bool = False,
     ecdsa_der: bool = False,
     nice: int = 0,
+    idle: bool = False,
 ) -> list[bytes | int | None]: ...
 def use_function_list(module_path: str | bytes | os.PathLike[str], address: int) -> str:
     """run_batch(module_path, ...) uses the CK_FUNCTION_LIST at ``address`` from now on,

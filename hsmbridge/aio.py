@@ -19,8 +19,9 @@ the loop responsive under load:
   large ones in the pool), so the pool thread runs a ``prehashed`` batch and
   holds the GIL only briefly around the engine call.
 - **The token's threads below the loop.** A software token computes on the
-  host's cores in the native engine's threads; they run ``worker_nice``
-  below the loop thread's CPU priority, so a waking loop gets a core.
+  host's cores in the native engine's threads; by default they run
+  SCHED_IDLE (``worker_nice="idle"``), so a waking loop thread takes a core
+  from them at once.
 - **Completions in slices.** A finished batch wakes its waiters
   :data:`WAKE_SLICE` at a time, one loop iteration each, so a timer or a
   socket that became ready meanwhile is served between slices.
@@ -68,25 +69,26 @@ MIN_BATCH = 64
 WAKE_SLICE = 8
 #: messages up to this size are hashed on the event loop; larger ones in the pool
 HASH_ON_LOOP = 16 * 1024
-#: how much lower than the event loop's the CPU priority of the threads computing
-#: in a software token is (Linux nice; see hsmbridge.batch.worker_nice)
-WORKER_NICE = 10
+#: how the threads computing in a software token yield the CPU to the event loop:
+#: SCHED_IDLE, or a nice value 0-19 below it (see hsmbridge.batch.worker_nice)
+WORKER_NICE: batch.WorkerNice = batch.IDLE
 
 
 def open(
     uri: str | None = None,
     *,
     workers: int = 4,
-    worker_nice: int = WORKER_NICE,
+    worker_nice: batch.WorkerNice = WORKER_NICE,
     **options: Any,
 ) -> AsyncHSM:
     """An :class:`AsyncHSM` for ``uri``; use it as ``async with hsmbridge.aio.open(uri) as hsm``.
 
     Options are :func:`hsmbridge.open`'s. ``workers`` bounds the threads that
     run blocking calls (batches, key management) for this handle;
-    ``worker_nice`` is how much lower than the event loop's the CPU priority
-    of the native engine's threads is (Linux; 0 keeps it equal): see
-    :data:`hsmbridge.batch.worker_nice`.
+    ``worker_nice`` is how the native engine's threads yield the CPU to the
+    event loop's (Linux): ``"idle"`` (SCHED_IDLE: they run only on a core no
+    other thread wants), or a nice value 1-19 below it, or 0 (equal); see
+    :data:`hsmbridge.batch.worker_nice` and docs/design.md for the trade-off.
     """
     return AsyncHSM(uri, workers=workers, worker_nice=worker_nice, **options)
 
@@ -99,15 +101,17 @@ class AsyncHSM:
         uri: str | None,
         *,
         workers: int = 4,
-        worker_nice: int = WORKER_NICE,
+        worker_nice: batch.WorkerNice = WORKER_NICE,
         **options: Any,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise InvalidInput(f"workers must be a whole number, at least 1, got {workers!r}")
-        if type(worker_nice) is not int or not 0 <= worker_nice <= 19:
+        if worker_nice != batch.IDLE and (
+            type(worker_nice) is not int or not 0 <= worker_nice <= 19
+        ):
             raise InvalidInput(
-                f"worker_nice must be a whole number 0-19 (0: the event loop's priority), "
-                f"got {worker_nice!r}"
+                f"worker_nice must be 'idle' or a whole number 0-19 (0: the event loop's "
+                f"priority), got {worker_nice!r}"
             )
         self._uri = uri
         self._options = options
@@ -120,7 +124,9 @@ class AsyncHSM:
         self._owned = True
 
     @classmethod
-    def wrap(cls, hsm: HSM, *, workers: int = 4, worker_nice: int = WORKER_NICE) -> AsyncHSM:
+    def wrap(
+        cls, hsm: HSM, *, workers: int = 4, worker_nice: batch.WorkerNice = WORKER_NICE
+    ) -> AsyncHSM:
         """An awaitable view of a handle that is already open; closing the view leaves
         ``hsm`` open (its owner closes it)."""
         handle = cls(None, workers=workers, worker_nice=worker_nice)

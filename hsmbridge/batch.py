@@ -13,17 +13,30 @@ import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .errors import BatchItemError, HSMError
 
-#: How much lower than its caller's the CPU priority of the threads that run a
-#: batch in the HSM is (Linux nice; 0: the same). Set by hsmbridge.aio for the
-#: calls it makes, so a software token's cryptography yields the CPU to the
-#: event loop thread (docs/design.md, "asyncio and the event loop"); the native
-#: engine honours it, the pure-Python engine's threads (which hold the GIL
-#: between HSM calls) do not.
-worker_nice: contextvars.ContextVar[int] = contextvars.ContextVar("worker_nice", default=0)
+#: The value of :data:`worker_nice` that puts the threads on SCHED_IDLE (Linux).
+IDLE: Literal["idle"] = "idle"
+#: What :data:`worker_nice` holds: a nice value 0-19, or :data:`IDLE`.
+WorkerNice = int | Literal["idle"]
+
+#: How the threads that run a batch in the HSM yield the CPU to their caller's:
+#: 0 not at all, 1-19 by that much lower Linux nice, :data:`IDLE` by running
+#: SCHED_IDLE (only on a core no other thread wants; preempted as soon as one
+#: wakes). Set by hsmbridge.aio for the calls it makes, so a software token's
+#: cryptography yields the CPU to the event loop thread (docs/design.md,
+#: "asyncio and the event loop"); the native engine honours it, the pure-Python
+#: engine's threads (which hold the GIL between HSM calls) do not.
+worker_nice: contextvars.ContextVar[WorkerNice] = contextvars.ContextVar("worker_nice", default=0)
+
+
+def native_priority(value: WorkerNice) -> tuple[int, bool]:
+    """(nice, idle) for the native engine's run_batch: SCHED_IDLE threads also take
+    the lowest nice, which is what they get where SCHED_IDLE is refused."""
+    return (19, True) if value == IDLE else (int(value), False)
+
 
 Operation = Callable[[bytes], bytes]
 BatchWorker = AbstractContextManager[Operation]

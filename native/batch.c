@@ -32,6 +32,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -295,6 +296,7 @@ typedef struct {
     pthread_t tid;
     int started;
     int nice; /* added to this thread's nice value before it works (Linux) */
+    int idle; /* and whether it switches to SCHED_IDLE first (Linux) */
 } worker_t;
 
 static void
@@ -470,11 +472,14 @@ make_mechanism(const batch_t *b, CK_MECHANISM *mech, CK_RSA_PKCS_PSS_PARAMS *pss
     }
 }
 
-/* Lower the calling thread's CPU priority by `nice` (Linux: nice is per thread;
- * elsewhere it is the process's, so nothing is done). Only threads started for
- * one batch call this, and they end with it. */
+/* Lower the calling thread's CPU priority by `nice` and, with `idle`, switch it
+ * to SCHED_IDLE: it then runs only on a core no other thread wants and is
+ * preempted as soon as one wakes (Linux: both are per thread; elsewhere they are
+ * the process's, so nothing is done). The nice value stays as the fallback where
+ * SCHED_IDLE is refused. Only threads started for one batch call this, and they
+ * end with it. */
 static void
-lower_priority(int nice)
+lower_priority(int nice, int idle)
 {
 #ifdef __linux__
     if (nice > 0) {
@@ -484,8 +489,13 @@ lower_priority(int nice)
         if (errno == 0)
             (void)setpriority(PRIO_PROCESS, tid, now + nice);
     }
+    if (idle) {
+        struct sched_param param = {0};
+        (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+    }
 #else
     (void)nice;
+    (void)idle;
 #endif
 }
 
@@ -495,7 +505,7 @@ worker_main(void *arg)
     worker_t *w = (worker_t *)arg;
     batch_t *b = w->b;
 
-    lower_priority(w->nice);
+    lower_priority(w->nice, w->idle);
 
     /* Each worker gets its own copy of the mechanism and its parameters. */
     CK_RSA_PKCS_PSS_PARAMS pss = b->pss;
@@ -774,7 +784,8 @@ fail:
 
 PyDoc_STRVAR(run_batch_doc,
 "run_batch(module_path, op, sessions, key_handle, mechanism, param, inputs, out_len,\n"
-"          stop_on_error=False, ecdsa_der=False, nice=0) -> list[bytes | int | None]\n"
+"          stop_on_error=False, ecdsa_der=False, nice=0, idle=False)\n"
+"          -> list[bytes | int | None]\n"
 "\n"
 "Sign (op=0: C_SignInit + C_Sign) or decrypt (op=1: C_DecryptInit + C_Decrypt)\n"
 "every input with one private key, one native thread per session, the GIL\n"
@@ -792,6 +803,8 @@ PyDoc_STRVAR(run_batch_doc,
 "nice: when above 0, every session gets a new thread that lowers its own CPU\n"
 "    priority by this much first (Linux), and the calling thread only waits:\n"
 "    the caller's threads keep their priority (hsmbridge.aio, docs/design.md).\n"
+"idle: the same, and the new threads switch to SCHED_IDLE (Linux): they run\n"
+"    only on a core no other thread wants.\n"
 "\n"
 "Returns a list in input order: bytes (the output), int (the CK_RV of a failed\n"
 "item) or None (not attempted because stop_on_error stopped the batch).");
@@ -801,7 +814,7 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"module_path", "op",     "sessions", "key_handle",    "mechanism",
                              "param",       "inputs", "out_len",  "stop_on_error", "ecdsa_der",
-                             "nice",        NULL};
+                             "nice",        "idle",          NULL};
     PyObject *path_bytes = NULL;
     int op;
     PyObject *sessions_obj, *key_obj, *mech_obj, *param_obj, *inputs_obj;
@@ -809,6 +822,7 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     int stop_on_error = 0;
     int ecdsa_der = 0;
     int nice = 0;
+    int idle = 0;
 
     PyObject *inputs_seq = NULL, *result = NULL;
     CK_SESSION_HANDLE *sessions = NULL;
@@ -821,10 +835,10 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
     batch_t *b = NULL;
 
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|ppi:run_batch", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&iOOOOOn|ppip:run_batch", kwlist,
                                      PyUnicode_FSConverter, &path_bytes, &op, &sessions_obj,
                                      &key_obj, &mech_obj, &param_obj, &inputs_obj, &out_len,
-                                     &stop_on_error, &ecdsa_der, &nice))
+                                     &stop_on_error, &ecdsa_der, &nice, &idle))
         return NULL;
     if (nice < 0 || nice > 19) {
         Py_XDECREF(path_bytes);
@@ -885,9 +899,10 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
         workers[i].b = b;
         workers[i].session = sessions[i];
         workers[i].nice = nice;
+        workers[i].idle = idle;
     }
-    /* With nice, the calling thread only waits (it keeps its priority). */
-    size_t first_new = nice > 0 ? 0 : 1;
+    /* With nice or idle, the calling thread only waits (it keeps its priority). */
+    size_t first_new = nice > 0 || idle ? 0 : 1;
 
     Py_BEGIN_ALLOW_THREADS
     if (nthreads > first_new) {
@@ -917,6 +932,7 @@ run_batch(PyObject *self, PyObject *args, PyObject *kwargs)
             any |= workers[i].started;
         if (!any) {
             workers[0].nice = 0;
+            workers[0].idle = 0;
             worker_main(&workers[0]);
         }
     }

@@ -304,8 +304,8 @@ def _pool_intact_eventually(hsm: Pkcs11HSM) -> None:
 def test_errors_for_bad_options() -> None:
     with pytest.raises(hsmbridge.InvalidInput, match="workers"):
         hsmbridge.aio.open("pkcs11:token=x", workers=0)
-    for nice in (-1, 20, True, 1.5):
-        with pytest.raises(hsmbridge.InvalidInput, match="worker_nice must be a whole number 0-19"):
+    for nice in (-1, 20, True, 1.5, "IDLE", "10"):
+        with pytest.raises(hsmbridge.InvalidInput, match="worker_nice must be 'idle' or a whole"):
             hsmbridge.aio.open("pkcs11:token=x", worker_nice=nice)  # type: ignore[arg-type]
 
     async def closed() -> None:
@@ -316,49 +316,56 @@ def test_errors_for_bad_options() -> None:
         asyncio.run(closed())
 
 
-def _thread_nices() -> dict[int, int]:
-    """Every thread of this process and its nice value (/proc: field 19 of stat)."""
-    nices = {}
+def _thread_priorities() -> dict[int, tuple[int, int]]:
+    """Every thread of this process: (nice, scheduling policy) (/proc stat fields 19, 41)."""
+    found = {}
     for task in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):
             with open(f"/proc/self/task/{task}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            nices[int(task)] = int(fields[16])
-    return nices
+            found[int(task)] = (int(fields[16]), int(fields[38]))
+    return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-@pytest.mark.parametrize("worker_nice", [0, hsmbridge.aio.WORKER_NICE])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+@pytest.mark.parametrize("worker_nice", [0, 10, "idle"])
 def test_native_workers_run_below_the_loop_priority(
-    pkcs11_hsm: hsmbridge.HSM, ec_label: str, worker_nice: int
+    pkcs11_hsm: hsmbridge.HSM, ec_label: str, worker_nice: int | str
 ) -> None:
-    """The threads computing in the token yield the CPU to the event loop thread;
-    the loop thread and the pool threads (which run Python) keep their priority."""
+    """The threads computing in the token yield the CPU to the event loop thread
+    (SCHED_IDLE by default, or a higher nice value); the loop thread and the pool
+    threads (which run Python) keep their priority."""
     if not isinstance(pkcs11_hsm, Pkcs11HSM) or pkcs11_hsm.native is None:
         pytest.skip("the native engine is not built")
     loop_tid = threading.get_native_id()
     base = os.getpriority(os.PRIO_PROCESS, loop_tid)
+    assert hsmbridge.aio.WORKER_NICE == "idle"
 
-    async def main() -> set[int]:
-        view = hsmbridge.aio.AsyncHSM.wrap(pkcs11_hsm, worker_nice=worker_nice)
-        before = set(_thread_nices())  # (earlier tests' batches may still be finishing)
-        seen: set[int] = set()
+    async def main() -> set[tuple[int, int]]:
+        view = hsmbridge.aio.AsyncHSM.wrap(pkcs11_hsm, worker_nice=worker_nice)  # type: ignore[arg-type]
+        before = set(_thread_priorities())  # (earlier tests' batches may still be finishing)
+        seen: set[tuple[int, int]] = set()
         try:
             key = await view.get_key(ec_label)
             work = asyncio.ensure_future(key.sign_batch([b"m"] * 3000, "ecdsa-sha256"))
             while not work.done():
-                seen |= {n for tid, n in _thread_nices().items() if tid not in before}
+                seen |= {p for tid, p in _thread_priorities().items() if tid not in before}
                 await asyncio.sleep(0.001)
             await work
             pool = [t for t in threading.enumerate() if t.name.startswith("hsmbridge-aio")]
-            assert all(os.getpriority(os.PRIO_PROCESS, t.native_id or 0) == base for t in pool)
+            for t in pool:
+                assert os.getpriority(os.PRIO_PROCESS, t.native_id or 0) == base
+                assert os.sched_getscheduler(t.native_id or 0) == os.SCHED_OTHER
             return seen
         finally:
             await view.close()
 
     seen = asyncio.run(main())
     assert os.getpriority(os.PRIO_PROCESS, loop_tid) == base
-    if worker_nice:
-        assert base + worker_nice in seen
+    assert os.sched_getscheduler(loop_tid) == os.SCHED_OTHER
+    if worker_nice == "idle":
+        assert (min(base + 19, 19), os.SCHED_IDLE) in seen
+    elif worker_nice:
+        assert (base + 10, os.SCHED_OTHER) in seen
     else:
-        assert seen == {base}
+        assert seen == {(base, os.SCHED_OTHER)}

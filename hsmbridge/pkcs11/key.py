@@ -20,7 +20,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
 from ..api import RSA, Key, KeyInfo, Op, Result, Validity, default_threads, require_usage
-from ..batch import Operation, run_batch, worker_nice
+from ..batch import Operation, native_priority, run_batch, worker_nice
 from ..errors import HSMError, InvalidInput, KeyNotFound
 from ..mechanisms import Mechanism, ecdsa_raw_to_der
 from . import certs, ec, rsa
@@ -106,6 +106,7 @@ class Pkcs11Key(Key):
         assert native is not None
         ckm, _ = self._mechanism(mech)
         param = rsa.native_param(mech) if isinstance(self.spec, RSA) else None
+        nice, idle = native_priority(worker_nice.get())
         sessions = pool.acquire_many(threads)
         try:
             raw = native.run_batch(
@@ -119,7 +120,8 @@ class Pkcs11Key(Key):
                 self._output_length(),
                 stop_on_error,
                 der,
-                worker_nice.get(),
+                nice,
+                idle,
             )
             results: list[Result] = []
             redo: list[int] = []  # items lost to a broken session, safe to repeat
