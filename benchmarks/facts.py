@@ -363,6 +363,43 @@ def child_destroy(module: str, label: str, prefix: str, count: str, start: str) 
     return {"outcomes": outcomes}
 
 
+def child_object_costs(module: str, label: str, *counts: str) -> dict[str, Any]:
+    """Fact 23: with N token objects present, the median cost of one token data object's
+    C_CreateObject, of reading an attribute of it, and of its C_DestroyObject (by handle:
+    no search), and of a session object's create and destroy."""
+    _, session = _login(module, label, os_locking=True)
+    value = pkcs11_attr("VALUE")
+    made, out = 0, {}
+    for target in map(int, counts):
+        while made < target:
+            session.create_object({**_data_template(f"fill-{made}"), value: b"x" * 64})
+            made += 1
+        costs: dict[str, list[float]] = {}
+        for i in range(15):
+            t0 = time.perf_counter()
+            obj = session.create_object({**_data_template(f"probe-{i}"), value: b"y" * 64})
+            t1 = time.perf_counter()
+            obj[pkcs11_attr("LABEL")]
+            t2 = time.perf_counter()
+            obj.destroy()
+            t3 = time.perf_counter()
+            temp = session.create_object(
+                {**_data_template(f"temp-{i}"), pkcs11_attr("TOKEN"): False, value: b"z"}
+            )
+            t4 = time.perf_counter()
+            temp.destroy()
+            t5 = time.perf_counter()
+            for name, cost in (
+                ("token_object_create", t1 - t0),
+                ("read_attribute", t2 - t1),
+                ("token_object_destroy_by_handle", t3 - t2),
+                ("session_object_destroy", t5 - t4),
+            ):
+                costs.setdefault(name, []).append(cost * 1000)
+        out[f"{made}_objects_ms"] = {k: round(statistics.median(v), 3) for k, v in costs.items()}
+    return out
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
     "create_data": child_create_data,
     "visibility": child_visibility,
@@ -374,6 +411,7 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
     "keygen": child_keygen,
     "ceiling": child_ceiling,
     "eddsa": child_eddsa,
+    "object_costs": child_object_costs,
 }
 
 
@@ -556,6 +594,15 @@ def fact_22(token: Token) -> dict[str, Any]:
     }
 
 
+def fact_23(token: Token) -> dict[str, Any]:
+    del token  # its own token: thousands of objects that are not worth destroying
+    own = Token()
+    try:
+        return dict(own.run("object_costs", "0", "1000", "3000")[1])
+    finally:
+        shutil.rmtree(own.dir, ignore_errors=True)
+
+
 FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "1": fact_1,
     "2": fact_2,
@@ -569,6 +616,7 @@ FACTS: dict[str, Callable[[Token], dict[str, Any]]] = {
     "20": fact_20,
     "21": fact_21,
     "22": fact_22,
+    "23": fact_23,
 }
 
 
