@@ -12,7 +12,8 @@ On a fresh SoftHSM2 token, side by side in one run:
 - *issue*: ``issue()`` from a warm pool (``fill()`` first), with an RS256
   signer: p50/p99 wall time over every issue of every round, with the
   refiller running (as in service) and held back (issue() alone), and the
-  parts: one C_CreateObject (issue() makes two) and one RS256 signature;
+  parts: one C_CreateObject (issue() makes one: the ticket is written with
+  the pool key) and one RS256 signature;
 - *live*: with ``--live`` issued, undecrypted one-time keys in the token
   (imported copies of one RSA key plus their records: what a token full of
   live keys holds, made quickly), ``issue()`` and ``decrypt_jwe`` (in the
@@ -149,7 +150,7 @@ def issue_latency(hsm: Any, signer: Any, n: int, rounds: int, *, idle: bool) -> 
 
 
 def write_latency(hsm: Any, n: int) -> dict[str, float]:
-    """One C_CreateObject of a small data object (issue() makes two) and one RS256
+    """One C_CreateObject of a small data object (issue() makes one) and one RS256
     context signature: the parts of issue()'s time."""
     from hsmbridge import jose
 

@@ -19,10 +19,10 @@ Everything that must survive a process is in the HSM, behind
   carries the instant it was pooled; a process retires its own after
   :data:`POOL_RETIRE` and a sweep anywhere destroys never-issued pool keys
   older than :data:`POOL_ORPHANED` (left by a process that died);
-- *issue*: immutable records of the kid's ``expires_at`` (and, on PKCS#11, a
-  ticket), written before the key is handed out: a process killed before
-  never handed the key out; after, the key decrypts until its expiry, in any
-  process;
+- *issue*: an immutable record of the kid's ``expires_at``, written before
+  the key is handed out (on PKCS#11 the key's ticket was written when it was
+  pooled): a process killed before never handed the key out; after, the key
+  decrypts until its expiry, in any process;
 - *decrypt*: one atomic claim before the HSM is asked, which at most one
   process wins however many race (PKCS#11: destroying the key's ticket
   object; NetHSM: generating the key ID ``otk.NAME.KID.used``). A claim is never

@@ -8,7 +8,8 @@ object whose process is killed inside C_SetAttributeValue; see
   was pooled), CKA_ID = the kid's 16 bytes, decrypt only, sensitive and
   non-extractable like every key;
 - the *ticket*: a CKO_DATA object labelled ``hsmbridge-otk-ticket:KID``,
-  written at issue. Destroying it is the claim on the key's one decrypt:
+  written with the key, when it is pooled (so that issuing writes one object,
+  not two). Destroying it is the claim on the key's one decrypt:
   C_DestroyObject of one object by several processes at once succeeds in
   exactly one (docs/design.md, fact 21), and a destroyed object is gone for
   every process at once, unlike a new one (fact 20: a process can miss
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pkcs11.exceptions as p11x
 
 from ..api import RSA, Key
-from ..errors import KeyNotFound
+from ..errors import HSMError, KeyNotFound
 from ..mechanisms import Mechanism
 from ..onetime import OneTimeStore, PoolKey, StoredKey
 from .ringstore import abandoned, read_data, write_data
@@ -59,21 +60,30 @@ class Pkcs11OneTimeStore(OneTimeStore):
 
     def generate(self, name: str, kid: str, spec: RSA, pooled: int, mechanism: Mechanism) -> Key:
         # the token's mechanisms were checked when the pool was made (OneTimeKeys._choose_alg)
-        return self.hsm.generate_dated(
+        key = self.hsm.generate_dated(
             spec, key_label(name, kid, pooled), usage="decrypt", key_id=kid, fresh=True
         )
+        # The ticket now, off the issue() path. A pool key is never decrypted (no issued
+        # record); killed before issue, key and ticket are an orphan that sweeps destroy.
+        try:
+            with self.hsm.pool.admin() as session:  # the ticket is destroyed through it
+                ticket = write_data(
+                    session, TICKET_PREFIX + kid, bytes.fromhex(kid), {"name": name}
+                )
+        except HSMError:
+            self.discard(key)
+            raise
+        self._tickets[kid] = ticket
+        return key
 
     def mark_issued(self, name: str, key: Key, expires_at: int) -> None:
-        kid = bytes.fromhex(key.id)
-        with self.hsm.pool.admin() as session:  # the ticket first: a record always has one
-            ticket = write_data(session, TICKET_PREFIX + key.id, kid, {"name": name})
+        with self.hsm.pool.admin() as session:  # one write: the ticket exists since pooling
             write_data(
                 session,
                 ISSUED_PREFIX + key.id,
                 bytes.fromhex(key.id),
                 {"name": name, "expires_at": expires_at},
             )
-        self._tickets[key.id] = ticket
 
     def issued(self, name: str, kid: str) -> int | None:
         with self.hsm.pool.admin() as session:
@@ -130,6 +140,10 @@ class Pkcs11OneTimeStore(OneTimeStore):
     def discard(self, key: Key) -> None:
         with contextlib.suppress(KeyNotFound):
             key.delete()
+        ticket = self._tickets.pop(key.id, None)
+        if ticket is not None:
+            with self.hsm.pool.admin(), contextlib.suppress(p11x.PKCS11Error):
+                ticket.destroy()
 
     def contents(self, name: str) -> tuple[list[PoolKey], list[StoredKey]]:
         prefix = f"otk.{name}."
