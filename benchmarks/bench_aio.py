@@ -5,7 +5,7 @@
 
 For each key (ECDSA P-256 and RSA-2048 on a throwaway SoftHSM2 token), the
 same ``COUNT`` messages are signed by each contender, alternating over
-``ROUNDS`` rounds in one process (docs/design.md, "Performance method"):
+``ROUNDS`` (9) rounds in one process (docs/design.md, "Performance method"):
 
 - ``sync-batch``: one ``key.sign_batch(messages)`` in a thread (the baseline:
   the lag the same HSM work causes with no asyncio work at all);
@@ -56,7 +56,7 @@ import hsmbridge.batch  # noqa: E402
 
 COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_COUNT", "10000"))
 RSA_COUNT = int(os.environ.get("HSMBRIDGE_AIO_BENCH_RSA_COUNT", str(max(1000, COUNT // 10))))
-ROUNDS = int(os.environ.get("HSMBRIDGE_AIO_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("HSMBRIDGE_AIO_BENCH_ROUNDS", "9"))
 CONCURRENCY = int(os.environ.get("HSMBRIDGE_AIO_BENCH_CONCURRENCY", "1000"))
 
 _R = TypeVar("_R")
