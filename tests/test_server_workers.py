@@ -65,3 +65,20 @@ def test_a_cancelled_request_leaves_the_worker_usable() -> None:
     assert loop_errors == []  # the late result was dropped, not set on the cancelled future
     workers.shutdown()
     workers._threads[0].join(5)
+
+
+def test_threads_end_when_the_interpreter_exits_without_shutdown() -> None:
+    """A forced exit skips the server's shutdown: the process must still end."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio\n"
+        "from hsmbridge.server.workers import Workers\n"
+        "w = Workers(2, 'exit-test')\n"
+        "async def main():\n"
+        "    assert await w.run(lambda: 41 + 1) == 42\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=30, check=False)
+    assert done.returncode == 0

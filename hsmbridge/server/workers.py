@@ -6,7 +6,9 @@ copy the state across); a signature request makes one such call, and all of
 that runs on the one event-loop thread that every request shares. Here a job
 is a tuple on a ``SimpleQueue`` and its worker sets the asyncio future with
 one ``call_soon_threadsafe``. Threads start as needed, up to ``max_threads``,
-as ``ThreadPoolExecutor`` starts them: a new one only when none is idle.
+as ``ThreadPoolExecutor`` starts them: a new one only when none is idle, and,
+as it does, they are told to end when the interpreter exits (a forced exit
+skips the server's shutdown, and the threads are not daemons).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +44,7 @@ class Workers:
         self._idle = threading.Semaphore(0)  # released by a worker each time it is idle
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        _LIVE.add(self)
 
     def run(self, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """``func(*args)`` in a worker thread; await the returned future for its result."""
@@ -85,3 +89,16 @@ class Workers:
             count = len(self._threads)
         for _ in range(count):
             self._jobs.put(None)
+
+
+#: every Workers not yet collected; their threads are ended at interpreter exit
+_LIVE: weakref.WeakSet[Workers] = weakref.WeakSet()
+
+
+def _end_at_exit() -> None:
+    for workers in list(_LIVE):
+        workers.shutdown()
+
+
+# Runs before the interpreter joins non-daemon threads, as ThreadPoolExecutor's hook does.
+threading._register_atexit(_end_at_exit)  # type: ignore[attr-defined]
