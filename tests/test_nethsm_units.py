@@ -266,3 +266,13 @@ def test_narrowed_keeps_what_the_bridge_can_perform() -> None:
     assert keys.narrowed(asked[2:], wrapped) is None  # no decryption would be left
     assert keys.narrowed(asked[:2], wrapped) is None  # nothing to drop: the refusal stands
     assert keys.narrowed(asked, "label is not supported") is None
+
+
+def test_a_mechanism_refusal_is_not_taken_for_a_missing_label_field() -> None:
+    """Only a NetHSM < 5.0's label refusal turns labels off; hsmbridge serve's refusal of
+    mechanisms stays one, even from a token whose name holds "label"."""
+    said = keys.unperformable_message(
+        "token 'labels-prod'", "RSA", ["RSA_Decryption_OAEP_SHA256"], ["RSA_Signature_PKCS1"]
+    )
+    assert not keys.refuses_labels(f"NetHSM at h refused the input (NetHSM said: {said})")
+    assert keys.refuses_labels("NetHSM at h refused the input (NetHSM said: unknown field label)")

@@ -212,7 +212,9 @@ class NetHSM(HSM):
         def send(body: dict[str, Any]) -> str | None:
             return _new_id(self.client.post_json("/keys/generate", call, cred, body))
 
-        new_id, mechanisms = self._send_performable(label, kid, body, send)
+        new_id, mechanisms = create_performable(
+            body, lambda b: self._send_labelled(label, kid, b, send)
+        )
         key = NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
         if expires_in is not None:
             self.rings.write_expiry(key, expiry_of(self, expires_in))
@@ -233,7 +235,7 @@ class NetHSM(HSM):
                 body, lambda b: self.client.post_json("/keys/generate", call, cred, b)
             )
         except InvalidInput as exc:
-            if "label" in exc.message.lower():
+            if vocabulary.refuses_labels(exc.message):
                 raise InvalidInput(
                     f"{self.description} has no key labels (NetHSM < 5.0), which key rings and "
                     "one-time keys need"
@@ -271,7 +273,9 @@ class NetHSM(HSM):
                 return kid
             return _new_id(self.client.post_json("/keys", call, cred, body))
 
-        new_id, mechanisms = self._send_performable(label, kid, body, send)
+        new_id, mechanisms = create_performable(
+            body, lambda b: self._send_labelled(label, kid, b, send)
+        )
         return NetHSMKey(self, KeyInfo(label, new_id, spec, uses), tuple(mechanisms))
 
     def _prepare(
@@ -301,16 +305,6 @@ class NetHSM(HSM):
             raise KeyExists(f"a key with id {kid!r} already exists on {self.description}")
         return uses, kid, vocabulary.mechanisms_for(spec, uses)
 
-    def _send_performable(
-        self,
-        label: str,
-        kid: str | None,
-        body: dict[str, Any],
-        send: Callable[[dict[str, Any]], str | None],
-    ) -> tuple[str, list[str]]:
-        """:meth:`_send_labelled` through :func:`create_performable`: (key id, mechanisms)."""
-        return create_performable(body, lambda b: self._send_labelled(label, kid, b, send))
-
     def _send_labelled(
         self,
         label: str,
@@ -325,7 +319,7 @@ class NetHSM(HSM):
             try:
                 new_id, sent = send({**body, "label": label}), True
             except InvalidInput as exc:
-                if "label" not in exc.message.lower():
+                if not vocabulary.refuses_labels(exc.message):
                     raise
                 self._labels_supported = False  # a NetHSM before 5.0: the key ID is the label
         if not sent:

@@ -215,7 +215,8 @@ def usage_of(mechanisms: Iterable[str]) -> frozenset[str]:
 def performable(key_type: str, offered: Iterable[Mechanism]) -> list[str]:
     """The NetHSM key mechanisms of ``key_type`` that some ``offered`` hsmbridge mechanism
     performs (the PSS/OAEP hashes hsmbridge lacks: none does)."""
-    can = {key_mechanism for m, (key_mechanism, _) in _MODES.items() if m in set(offered)}
+    offered = set(offered)
+    can = {key_mechanism for m, (key_mechanism, _) in _MODES.items() if m in offered}
     return [m for m in KEY_MECHANISMS[_family(key_type)] if m in can]
 
 
@@ -231,6 +232,12 @@ def unperformable_message(where: str, key_type: str, missing: list[str], works: 
         + _PERFORMABLE.format(key_type)
         + (", ".join(works) or "none")
     )
+
+
+def refuses_labels(message: str) -> bool:
+    """Whether a 400 is a NetHSM before 5.0 refusing the ``label`` field (and not, say,
+    ``hsmbridge serve`` refusing mechanisms of a token whose name holds "label")."""
+    return "label" in message.lower() and _PERFORMABLE_RE.search(message) is None
 
 
 def narrowed(requested: list[str], message: str) -> list[str] | None:
