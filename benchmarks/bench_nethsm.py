@@ -56,20 +56,21 @@ import hsmbridge
 from hsmbridge import RSA
 from hsmbridge.mechanisms import Mechanism, signing_input
 from hsmbridge.nethsm import NetHSM, NetHSMKey
+from hsmbridge.nethsm.backend import DEFAULT_THREADS
 from hsmbridge.testing import SoftToken
 
 from .latency_proxy import running as latency_proxy
-from .serving import free_port, wait_ready
+from .serving import cpu_seconds, free_port, wait_ready
 
 COUNT = int(os.environ.get("HSMBRIDGE_NETHSM_BENCH_COUNT", "400"))
 LATENCY_COUNT = int(os.environ.get("HSMBRIDGE_NETHSM_LATENCY_COUNT", "200"))
 #: milliseconds added each way by the proxy (0: no proxy)
 LATENCIES = (0.0, 0.5, 2.0)
-#: a second batch contender over the proxy, with this many requests in flight (default 12)
+#: a second batch contender over the proxy, with this many requests in flight (default:
+#: hsmbridge.nethsm.backend.DEFAULT_THREADS)
 WIDE = 24
 ROUNDS = int(os.environ.get("HSMBRIDGE_NETHSM_BENCH_ROUNDS", "3"))
 MECH = Mechanism.RSA_PKCS1_SHA256
-CONTENDERS = ("nethsm-sdk-loop", "hsmbridge-loop", "hsmbridge-batch", "pkcs11-direct")
 ADMIN = ("admin", "bench-admin-passphrase")
 OPERATOR = ("operator", "bench-operator-passphrase")
 
@@ -154,12 +155,6 @@ def _runners(served: Served, messages: list[bytes]) -> dict[str, Callable[[], li
     }
 
 
-def _process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Sample:
     """One contender in one round."""
@@ -181,11 +176,11 @@ def _measure(
 
     def one_round() -> None:
         for contender in order:
-            server0, client0 = _process_cpu(served.process.pid), time.process_time()
+            server0, client0 = cpu_seconds([served.process.pid]), time.process_time()
             start = time.perf_counter()
             signatures = runners[contender]()
             elapsed = time.perf_counter() - start
-            server = _process_cpu(served.process.pid) - server0
+            server = cpu_seconds([served.process.pid]) - server0
             client = time.process_time() - client0
             _verify_sample(served, messages, signatures)
             n = len(messages)
@@ -297,7 +292,7 @@ def test_batch_vs_sdk_loop_over_latency(benchmark: Any, served: Served) -> None:
             for name, threads in (("hsmbridge-batch", 0), (f"hsmbridge-batch-{WIDE}", WIDE)):
                 hsm = hsmbridge.open(
                     f"nethsm://admin@{hostport}", password=ADMIN[1], operator=OPERATOR,
-                    ca=str(served.cert), max_connections=max(threads, 12),
+                    ca=str(served.cert), max_connections=max(threads, DEFAULT_THREADS),
                 )  # fmt: skip
                 stack.callback(hsm.close)
                 key = hsm.get_key(served.key.id)

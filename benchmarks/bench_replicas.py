@@ -47,25 +47,12 @@ from hsmbridge.server.testing import Credentials, provision
 from hsmbridge.softhsm import make_tokens
 
 from .cluster import HAProxy, Postgres, Replica, _Direct, start_cluster
-from .serving import run_clients
+from .serving import cpu_seconds, run_clients
 
 REQUESTS = int(os.environ.get("HSMBRIDGE_REPLICA_BENCH_REQUESTS", "1500"))
 ROUNDS = int(os.environ.get("HSMBRIDGE_REPLICA_BENCH_ROUNDS", "3"))
 CLIENTS = int(os.environ.get("HSMBRIDGE_REPLICA_BENCH_CLIENTS", "12"))
 RESULTS = Path(__file__).parent / "results" / "replicas.json"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (children that exited not included)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
 
 
 def children(parent: int) -> list[int]:

@@ -37,7 +37,7 @@ CHUNK = 65536
 
 @dataclass
 class Stats:
-    """Delays actually added, in seconds (a sample of the last chunks)."""
+    """Delays actually added, in seconds (those of the first 200,000 chunks)."""
 
     delays: list[float] = field(default_factory=list)
     chunks: int = 0
