@@ -221,6 +221,9 @@ class Pkcs11HSM(HSM):
             raw_id = bytes.fromhex(key_id) if key_id else os.urandom(16)
         except (ValueError, TypeError):
             raise InvalidInput(f"PKCS#11 key ids are hex strings, got {key_id!r}") from None
+        raw = RAW_USAGE in usage
+        if raw:  # refused up front where the token has no CKM_RSA_X_509 (before any write)
+            self.capabilities.require(Mechanism.RSA_RAW)
         aside = fresh and self.profile.max_sessions > 1 and self.module.thread_safe
         with self.pool.generator() if aside else self.pool.admin() as session:
             if not fresh and self._find(session, {Attribute.LABEL: label}):
@@ -243,9 +246,6 @@ class Pkcs11HSM(HSM):
                         template[Attribute.END_DATE] = day_of(not_after)
                 return create(session, public_t, private_t)
 
-            raw = RAW_USAGE in usage
-            if raw:  # refused up front where the token has no CKM_RSA_X_509
-                self.capabilities.require(Mechanism.RSA_RAW)
             try:
                 priv = generate_with_templates(
                     dated,

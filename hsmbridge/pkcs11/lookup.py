@@ -2,8 +2,9 @@
 validated handle cache for ``get_key``.
 
 A listing is one C_FindObjects search for private token keys (``CKA_TOKEN``
-true, so session objects never appear) and one
-attribute read per key. A key's size comes from its private object:
+true, so session objects never appear) and one attribute read per key (two for
+RSA keys that may decrypt: their CKA_ALLOWED_MECHANISMS, read on its own, tell
+raw-decryption keys apart). A key's size comes from its private object:
 ``CKA_MODULUS`` for RSA, and ``CKA_EC_PARAMS`` for EC, which PKCS#11 puts on EC
 private keys too. Only EC private keys without it (a token may omit it) need
 their public halves: then one more search reads every EC public key and pairs
@@ -236,7 +237,7 @@ def allowed_of(obj: Any) -> frozenset[int] | None:
     """A key's CKA_ALLOWED_MECHANISMS; None where it sets no limit (absent or empty) or
     cannot be read.
 
-    Read on its own, for RSA keys that decrypt only, never in the bulk reads:
+    Read on its own, for RSA keys that may decrypt, never in the bulk reads:
     p11-kit 0.24's RPC (p11-kit-client) answers CKR_DEVICE_ERROR for a list of two
     or more mechanisms, and CKR_FUNCTION_FAILED for a read that also asks for an
     attribute the key lacks (measured); the session stays usable.
