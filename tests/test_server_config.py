@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import ssl
 from collections.abc import Callable
 
@@ -14,8 +15,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from hsmbridge.server import tls
+from hsmbridge.server.app import build_app
 from hsmbridge.server.testing import TIMEOUT, BridgeServer
 
 pytest_plugins = ["server_fixtures"]
@@ -29,10 +31,19 @@ def test_logging_network_time(bridge_factory: Callable[..., BridgeServer]) -> No
     logging_config = admin.get_config_logging()  # the appliance's factory settings
     assert (logging_config.ip_address, logging_config.port) == ("0.0.0.0", 514)
     assert logging_config.log_level == nethsm.LogLevel.INFO
-    admin.set_logging_config("127.0.0.1", 5514, nethsm.LogLevel.ERROR)
-    logging_config = admin.get_config_logging()
-    assert (logging_config.ip_address, logging_config.port) == ("127.0.0.1", 5514)
-    assert logging_config.log_level == nethsm.LogLevel.ERROR
+    server_log = logging.getLogger("hsmbridge.server")
+    level = server_log.level
+    try:
+        admin.set_logging_config("127.0.0.1", 5514, nethsm.LogLevel.ERROR)
+        logging_config = admin.get_config_logging()
+        assert (logging_config.ip_address, logging_config.port) == ("127.0.0.1", 5514)
+        assert logging_config.log_level == nethsm.LogLevel.ERROR
+        assert server_log.level == logging.ERROR
+        server_log.setLevel(logging.NOTSET)
+        build_app(bridge.server.bridge)  # a server started on this state: the stored level
+        assert server_log.level == logging.ERROR
+    finally:
+        server_log.setLevel(level)
     admin.set_network_config("10.1.2.3", "255.255.0.0", "10.1.0.1")
     network = admin.get_config_network()
     assert (network.ip_address, network.netmask, network.gateway) == (
@@ -69,17 +80,7 @@ def _served_cert(bridge: BridgeServer) -> x509.Certificate:
 
 def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    return key, cert
+    return key, x509.load_pem_x509_certificate(tls.self_signed(key))
 
 
 def test_tls_key_csr_certificate_served_at_once(

@@ -103,6 +103,7 @@ def restore(b: Bridge, req: Req) -> Response:
         raise ApiError(412, "precondition failed: the bridge changed state during the restore")
     if when is not None:
         api_config.set_clock(b, when, received)
+    api_config.apply_log_level(b)  # a full restore brings the logging configuration back
     return Response(status_code=204)
 
 

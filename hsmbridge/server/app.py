@@ -513,4 +513,5 @@ class BridgeApp:
 def build_app(bridge: Bridge, threads: int = 64, flush_interval: float = 2.0) -> BridgeApp:
     """The ASGI app for ``bridge`` (limits from ``bridge.limits``); ``threads`` bounds
     concurrent blocking work."""
+    api_config.apply_log_level(bridge)  # the stored level holds from the start
     return BridgeApp(bridge, threads, flush_interval)

@@ -7,7 +7,7 @@ write``. The same names here mean:
 - ``http response <status>``, ``http response total``: responses sent by this
   server process since it started, by status and in all;
 - ``http response time``: their mean time from request to response, in
-  milliseconds (from the first body byte read to the handler's answer);
+  milliseconds (from the request's arrival at the app to its answer);
 - ``kv write``: committed write transactions of the state database;
 - ``log errors``, ``log warnings``: records the ``hsmbridge`` loggers wrote at
   those levels;

@@ -12,7 +12,7 @@ and name the plain ID. The appliance's rules, applied here:
 - a namespace Administrator (N-Administrator) manages only its own namespace's
   users and keys and nothing system-wide (configuration, namespaces, system);
 - the users of a namespace that does not exist (yet, or any more) may do
-  nothing but read themselves.
+  nothing at all.
 """
 
 from __future__ import annotations
