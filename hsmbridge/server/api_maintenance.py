@@ -125,7 +125,7 @@ def factory_reset(b: Bridge, req: Req) -> Response:
     failed = []
     for rec in b.store.all_keys():
         try:
-            b.destroy_backend_key(rec.backend_id)
+            b.destroy_backend_key(rec)
         except HSMError as exc:
             failed.append(f"{rec.id} ({exc.message})")
     if failed:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..api import HSM, Key, SecretKey
 from ..errors import HSMError, HSMUnavailable, KeyExists, KeyNotFound
+from ..nethsm import vocabulary
 from . import namespaces, statedir
 from .auth import Passphrases, parse_basic
 from .control import Control
@@ -319,7 +320,7 @@ class Bridge:
             raise
         if not self.store.finish_key(rec):
             # this replica was taken for dead and its pending key cleaned up meanwhile
-            self.destroy_backend_key(rec.backend_id)
+            self.destroy_backend_key(rec)
             raise HSMUnavailable(
                 f"creating key {rec.id} took longer than the replica lease and was undone; "
                 "retry the request"
@@ -335,7 +336,7 @@ class Bridge:
         """Delete a key two-phase: mark it ``deleting``, destroy it in the HSM, drop the record."""
         if not self.store.mark_deleting(rec):
             raise not_found(f"key {rec.id}")  # another request deleted or moved it meanwhile
-        self.destroy_backend_key(rec.backend_id)
+        self.destroy_backend_key(rec)
         self.store.remove_key(rec.id, rec.backend_id)
 
     def delete_namespace(self, namespace: str) -> None:
@@ -363,13 +364,15 @@ class Bridge:
             return False
         return True
 
-    def destroy_backend_key(self, backend_id: str) -> None:
-        """Delete a key from the HSM; a key already gone is fine."""
-        self.forget_key(backend_id)
+    def destroy_backend_key(self, rec: KeyRecord) -> None:
+        """Delete a record's key from the HSM (one lookup, by the record's type); a key
+        already gone is fine."""
+        self.forget_key(rec.backend_id)
         with contextlib.suppress(KeyNotFound):
-            self.hsm.get_key(key_id=backend_id).delete()
-        with contextlib.suppress(KeyNotFound):  # a Generic key's AES key
-            self.hsm.get_secret_key(key_id=backend_id).delete()
+            if rec.type == vocabulary.GENERIC:  # an AES key
+                self.hsm.get_secret_key(key_id=rec.backend_id).delete()
+            else:
+                self.hsm.get_key(key_id=rec.backend_id).delete()
 
     def reconcile(self) -> None:
         """Finish or undo key creations and deletions that a dead replica left unfinished.
@@ -379,7 +382,7 @@ class Bridge:
         """
         for rec in self.store.unfinished():
             try:
-                self.destroy_backend_key(rec.backend_id)
+                self.destroy_backend_key(rec)
             except HSMError as exc:
                 log.warning("could not clean up key %s (%s): %s", rec.id, rec.status, exc.message)
                 continue
