@@ -22,6 +22,8 @@ from jwcrypto import jwe, jwk, jws
 import hsmbridge
 from hsmbridge import RSA, InvalidInput, KeyExpired, KeyNotFound, PoolExhausted
 from hsmbridge.onetime import OneTimeKeys
+from hsmbridge.pkcs11.otkstore import TICKET_PREFIX
+from hsmbridge.pkcs11.ringstore import read_data
 
 CARD = b'{"number":"4111111111111111","securityCode":"123"}'
 
@@ -182,12 +184,15 @@ def test_pool_exhaustion_says_what_to_raise(softhsm_token: Any) -> None:
 def test_close_destroys_pool_keys_never_issued(softhsm_token: Any) -> None:
     hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin)
     name = pool_name()
+    tickets_before = tickets(hsm)
     otk = hsm.one_time_keys(RSA(1024), pool=3, alg="RSA-OAEP", name=name)
     issued = otk.issue()
     otk.fill()
     otk.close()
     labels = [info.label for info in hsm.list_keys() if info.label.startswith(f"otk.{name}.")]
     assert len(labels) == 1 and issued.kid in labels[0]  # only the issued key stays
+    # and only its ticket: the pool keys' tickets went with them
+    assert tickets(hsm) == tickets_before | {TICKET_PREFIX + issued.kid}
     assert otk.stats()["pool_size"] == 0
     with pytest.raises(InvalidInput, match="closed"):
         otk.issue()
@@ -224,3 +229,27 @@ def test_nethsm_never_issues_a_key_it_cannot_decrypt_with(nethsm_hsm: hsmbridge.
         ):
             otk.issue()
         assert otk.stats()["issued"] == 0
+
+
+def tickets(hsm: Any) -> set[str]:
+    """The labels of the one-time-key tickets in the token."""
+    with hsm.pool.admin() as session:
+        return {d.label for d in read_data(session) if d.label.startswith(TICKET_PREFIX)}
+
+
+def test_a_stale_cached_ticket_falls_back_to_the_token(softhsm_token: Any) -> None:
+    """The ticket this process wrote is destroyed through its cached object; if that
+    fails (its session was reopened, say), the claim finds the ticket in the token
+    instead of reporting the key as already used."""
+    import pkcs11.exceptions as p11x
+
+    class Stale:
+        def destroy(self) -> None:
+            raise p11x.SessionHandleInvalid()
+
+    hsm = hsmbridge.open(softhsm_token.uri, pin=softhsm_token.pin)
+    with hsm.one_time_keys(RSA(1024), pool=1, alg="RSA-OAEP", name=pool_name()) as otk:
+        k = otk.issue()
+        otk._store._tickets[k.kid] = Stale()  # type: ignore[attr-defined]
+        assert otk.decrypt_jwe(browser_encrypts(k.jwk, CARD)) == CARD
+    hsm.close()

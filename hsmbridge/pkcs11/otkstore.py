@@ -30,6 +30,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pkcs11.exceptions as p11x
@@ -94,15 +95,18 @@ class Pkcs11OneTimeStore(OneTimeStore):
             ]
         return min(found, default=None)
 
+    def _tickets_of(self, session: Any, kid: str) -> Iterator[Any]:
+        """``kid``'s ticket as this process wrote it (no search), then as a search finds
+        it: a caller stops at the first it destroys, so the search runs only when there
+        is no cached ticket or destroying it failed (say, its session was reopened)."""
+        mine = self._tickets.pop(kid, None)
+        if mine is not None:
+            yield mine
+        yield from (d.obj for d in read_data(session, TICKET_PREFIX + kid))
+
     def claim(self, name: str, kid: str, expires_at: int) -> float | None:
         with self.hsm.pool.admin() as session:
-            mine = self._tickets.pop(kid, None)
-            tickets = (
-                [mine]
-                if mine is not None
-                else [d.obj for d in read_data(session, TICKET_PREFIX + kid)]
-            )
-            for ticket in tickets:
+            for ticket in self._tickets_of(session, kid):
                 try:
                     ticket.destroy()  # exactly one process succeeds (fact 21)
                 except p11x.PKCS11Error:
@@ -140,10 +144,13 @@ class Pkcs11OneTimeStore(OneTimeStore):
     def discard(self, key: Key) -> None:
         with contextlib.suppress(KeyNotFound):
             key.delete()
-        ticket = self._tickets.pop(key.id, None)
-        if ticket is not None:
-            with self.hsm.pool.admin(), contextlib.suppress(p11x.PKCS11Error):
-                ticket.destroy()
+        if key.id not in self._tickets:
+            return  # no ticket of this process's pool (a claimed key's went with the claim)
+        with self.hsm.pool.admin() as session:
+            for ticket in self._tickets_of(session, key.id):
+                with contextlib.suppress(p11x.PKCS11Error):
+                    ticket.destroy()
+                    return
 
     def contents(self, name: str) -> tuple[list[PoolKey], list[StoredKey]]:
         prefix = f"otk.{name}."
