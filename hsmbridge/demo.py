@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .api import EC, HSM, RSA, Key
 from .errors import HSMError, KeyExpired
+from .jose import b64url
 from .mechanisms import Mechanism
 from .progress import Progress
 
@@ -156,10 +157,6 @@ def _unb64(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _browser_encrypts(jwk: dict[str, str], plaintext: bytes) -> str:
     """What the browser does: a compact JWE (the JWK's alg, A256GCM) to the one-time key."""
     n, e = (int.from_bytes(_unb64(jwk[m]), "big") for m in ("n", "e"))
@@ -170,6 +167,7 @@ def _browser_encrypts(jwk: dict[str, str], plaintext: bytes) -> str:
         .public_key()
         .encrypt(cek, padding.OAEP(padding.MGF1(hash_), hash_, None))
     )
-    header = _b64(json.dumps({"alg": jwk["alg"], "enc": "A256GCM", "kid": jwk["kid"]}).encode())
+    header = b64url(json.dumps({"alg": jwk["alg"], "enc": "A256GCM", "kid": jwk["kid"]}).encode())
     sealed = AESGCM(cek).encrypt(iv, plaintext, header.encode())
-    return ".".join([header, _b64(wrapped), _b64(iv), _b64(sealed[:-16]), _b64(sealed[-16:])])
+    parts = (wrapped, iv, sealed[:-16], sealed[-16:])  # key, IV, ciphertext, tag
+    return ".".join([header, *(b64url(p) for p in parts)])
