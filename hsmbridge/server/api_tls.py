@@ -17,11 +17,11 @@ from starlette.responses import Response
 
 from .. import curves
 from . import csr, tls
+from .api_keys import MAX_CERT
 from .bridge import Bridge, Req
 from .errors import ApiError, bad_request, not_found
 
 RSA_BITS = (2048, 8192)
-MAX_PEM = 1024 * 1024
 
 
 def _key(b: Bridge) -> tls.TlsPrivateKey:
@@ -81,7 +81,7 @@ def make_csr(b: Bridge, req: Req) -> Response:
 
 
 def _certificates(body: bytes) -> list[x509.Certificate]:
-    if not body or len(body) > MAX_PEM:
+    if not body or len(body) > MAX_CERT:
         raise bad_request("send the certificate as PEM (at most 1 MiB)")
     try:
         certs = x509.load_pem_x509_certificates(body)
@@ -94,9 +94,7 @@ def set_cert(b: Bridge, req: Req) -> Response:
     """The certificate (chain, leaf first) for the current TLS key; served at once."""
     certs = _certificates(req.body)
     key = _key(b)
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+    if not tls.certifies(certs[0], key):
         raise bad_request(
             "the certificate is not for the server's TLS key: get a CSR from "
             "POST /config/tls/csr.pem and certify that"

@@ -186,6 +186,7 @@ class Store(ABC):
         self._users: dict[str, UserRecord] = {}  # id -> record, as in the database
         self._keys: dict[str, KeyRecord] = {}  # id -> ready record (operations as written)
         self._settings: dict[str, str | None] = {}  # name -> value, as in the database
+        self._namespaces: dict[str, bool] = {}  # name -> whether it exists, as in the database
         self._closed = False
         #: False while changes by other replicas might go unseen: every read goes to the database
         self._caching = True
@@ -260,11 +261,13 @@ class Store(ABC):
                 self.invalidate()
 
     def invalidate(self) -> None:
-        """Drop the cached users, keys and settings (another replica changed them)."""
+        """Drop the cached users, keys, settings and namespaces (another replica changed
+        them)."""
         with self._lock:
             self._users.clear()
             self._keys.clear()
             self._settings.clear()
+            self._namespaces.clear()
 
     def close(self) -> None:
         """Write pending counts, leave the replica list and close; idempotent."""
@@ -625,8 +628,15 @@ class Store(ABC):
             return [r["id"] for r in self._query("SELECT id FROM namespaces ORDER BY id")]
 
     def namespace_exists(self, namespace: str) -> bool:
+        """Whether ``namespace`` exists (cached, as the settings are: every request of a
+        namespace's user asks)."""
+        if self._caching and namespace in self._namespaces:
+            return self._namespaces[namespace]
         with self._lock:
-            return bool(self._query("SELECT 1 FROM namespaces WHERE id=?", (namespace,)))
+            exists = bool(self._query("SELECT 1 FROM namespaces WHERE id=?", (namespace,)))
+            if self._caching:
+                self._namespaces[namespace] = exists
+            return exists
 
     def add_namespace(self, namespace: str) -> bool:
         """Create a namespace; False (and nothing written) if it exists."""

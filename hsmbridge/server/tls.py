@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError
@@ -139,6 +140,13 @@ def public_key_pem(cert_path: Path) -> str:
     )
 
 
+def certifies(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    """Whether ``cert`` is for ``key`` (the same public key)."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
+
 def check_pem_pair(cert_path: Path, key_path: Path) -> tuple[Path, Path]:
     """(cert, key) if they are a readable PEM certificate and its unencrypted PEM key."""
     texts = []
@@ -163,9 +171,7 @@ def check_pem_pair(cert_path: Path, key_path: Path) -> tuple[Path, Path]:
             f"--tls-key {str(key_path)!r} is not an unencrypted PEM private key; "
             "convert it with 'openssl pkey -out key.pem'"
         ) from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+    if not certifies(cert, key):
         raise ConfigurationError(
             f"--tls-key {str(key_path)!r} is not the key of --tls-cert {str(cert_path)!r}"
         )
