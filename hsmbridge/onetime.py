@@ -473,20 +473,22 @@ class OneTimeKeys:
             with self._cond:
                 self._counters.refused += 1
             raise
+        key = entry[0] if entry is not None else None  # this process's key: no lookup
         try:
-            try:
-                key = entry[0] if entry is not None else self._store.key(self.name, kid)
-            except KeyNotFound:
-                raise KeyExpired(
-                    f"one-time key {kid} was already used: its key is gone from "
-                    f"{self.hsm.description}"
-                ) from None
+            if key is None:
+                try:
+                    key = self._store.key(self.name, kid)
+                except KeyNotFound:
+                    raise KeyExpired(
+                        f"one-time key {kid} was already used: its key is gone from "
+                        f"{self.hsm.description}"
+                    ) from None
             plaintext = decrypt(key)
         finally:
             with contextlib.suppress(HSMError):
-                if entry is not None:  # this process's key: no lookup
-                    self._store.discard(entry[0])
-                else:
+                if key is not None:  # the key found above: no second lookup
+                    self._store.discard(key)
+                else:  # the lookup itself failed: destroy whatever is left
                     self._store.destroy_key(self.name, kid)
         with self._cond:
             self._counters.decrypted += 1
